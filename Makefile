@@ -1,0 +1,28 @@
+# The README's two commands: `make demo` and `make test`. Each creates its own virtual env.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-all bench clean
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m doremi_jax.pipeline --gin_file=gin/pipelines/demo_cpu.gin
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q --runslow tests
+
+bench: $(STAMP)
+	$(PY) bench/bench_train.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
