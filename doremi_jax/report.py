@@ -1,0 +1,459 @@
+"""Study report: DoReMi's main model against baselines, as report.md, summary.json, plots.
+
+`compute_summary` is pure (study dict in, JSON-ready dict out); `write_report` renders it.
+Imports numpy, matplotlib (object API, Agg canvas, no pyplot state) and json only.
+
+Verdict rule (log-perplexity in nats/token, lower is better): delta = doremi - baseline;
+"equal" when |delta| <= tolerance * |baseline| (default 0.5% relative), otherwise "better"
+(delta < 0) or "worse" (delta > 0). With one seed per run, differences under the tolerance
+are noise. A non-finite DoReMi value is "diverged" (counts as worse); a non-finite baseline
+value (the baseline diverged) makes DoReMi "better".
+"""
+import json
+import math
+import os
+
+import matplotlib
+from matplotlib.figure import Figure
+import numpy as np
+
+DOREMI = "doremi"
+DEFAULT_TOLERANCE = 0.005
+_PAPER_SCALE = "a 280M proxy and an 8B main model, 200k steps each, on The Pile"
+
+
+def _num(x):
+  """float(x), or NaN for None and anything non-numeric."""
+  try:
+    return float(x)
+  except (TypeError, ValueError):
+    return float("nan")
+
+
+def _clean(x):
+  """JSON-safe number: None for NaN/inf."""
+  x = _num(x)
+  return x if math.isfinite(x) else None
+
+
+def verdict(doremi, baseline, tolerance=DEFAULT_TOLERANCE):
+  """Compares two log-perplexities: {verdict, delta (doremi - baseline), relative}."""
+  d, b = _num(doremi), _num(baseline)
+  if not math.isfinite(d):
+    return {"verdict": "diverged", "delta": None, "relative": None}
+  if not math.isfinite(b):
+    return {"verdict": "better", "delta": None, "relative": None}
+  delta = d - b
+  relative = delta / abs(b) if b else (0.0 if delta == 0 else math.copysign(math.inf, delta))
+  if abs(delta) <= tolerance * abs(b):
+    v = "equal"
+  else:
+    v = "better" if delta < 0 else "worse"
+  return {"verdict": v, "delta": delta, "relative": _clean(relative)}
+
+
+def steps_to_reach(steps, values, target):
+  """First step at which values <= target, linearly interpolated; None if never."""
+  target = _num(target)
+  if not math.isfinite(target):
+    return None
+  prev = None
+  for s, v in zip(steps, values):
+    s, v = _num(s), _num(v)
+    if not math.isfinite(v):
+      prev = None
+      continue
+    if v <= target:
+      if prev is None or prev[1] == v:
+        return s
+      s0, v0 = prev
+      return s0 + (v0 - target) / (v0 - v) * (s - s0)
+    prev = (s, v)
+  return None
+
+
+def _eval_value(e, key):
+  """An eval point's 'average' or 'worst', computed from per_domain when absent."""
+  if key in e:
+    return _num(e[key])
+  vals = [_num(v) for v in e.get("per_domain", {}).values()]
+  if not vals:
+    return float("nan")
+  return float(np.mean(vals) if key == "average" else np.max(vals))
+
+
+def _final(main, domains):
+  """Final eval of one main run: per-domain, average, worst, diverged flag."""
+  evals = main.get("evals") or []
+  if not evals:
+    raise ValueError("main run has no evals")
+  last = evals[-1]
+  per = {d: _num(last.get("per_domain", {}).get(d)) for d in domains}
+  avg, worst = _eval_value(last, "average"), _eval_value(last, "worst")
+  finite = {d: v for d, v in per.items() if math.isfinite(v)}
+  diverged = not (math.isfinite(avg) and math.isfinite(worst) and len(finite) == len(per))
+  return {"step": _num(last.get("step")), "per_domain": per, "average": avg, "worst": worst,
+          "worst_domain": max(finite, key=finite.get) if finite else None,
+          "diverged": diverged}
+
+
+def _compare(doremi, base_final, domains, total_steps, tolerance):
+  """One baseline's comparison entry (DoReMi's main run `doremi` against it)."""
+  df = doremi["final"]
+  va = verdict(df["average"], base_final["average"], tolerance)
+  vw = verdict(df["worst"], base_final["worst"], tolerance)
+  better = sum(1 for d in domains
+               if math.isfinite(df["per_domain"][d]) and (
+                   not math.isfinite(base_final["per_domain"][d]) or
+                   df["per_domain"][d] < base_final["per_domain"][d]))
+  evals = doremi["evals"]
+  reach = steps_to_reach([e.get("step") for e in evals],
+                         [_eval_value(e, "average") for e in evals],
+                         base_final["average"])
+  fraction = reach / total_steps if reach is not None and total_steps else None
+  speedup = total_steps / reach if reach and total_steps else None
+  return {"verdict_average": va["verdict"], "verdict_worst": vw["verdict"],
+          "delta_average": va["delta"], "delta_worst": vw["delta"],
+          "relative_average": va["relative"], "relative_worst": vw["relative"],
+          "domains_better": better, "num_domains": len(domains),
+          "baseline_diverged": base_final["diverged"],
+          "target_average": _clean(base_final["average"]),
+          "steps_to_reach": reach, "fraction_of_steps": fraction, "speedup": speedup}
+
+
+def _json_safe(x):
+  """Recursively replaces non-finite floats with None."""
+  if isinstance(x, dict):
+    return {str(k): _json_safe(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_json_safe(v) for v in x]
+  if isinstance(x, (bool, str)) or x is None:
+    return x
+  if isinstance(x, (int, float, np.number)):
+    return _clean(x) if isinstance(x, (float, np.floating)) else int(x)
+  return x
+
+
+def compute_summary(study, tolerance=DEFAULT_TOLERANCE):
+  """Pure: the study's verdicts and numbers as a JSON-ready dict."""
+  domains = list(study["domains"])
+  mains = study.get("mains", {})
+  finals = {name: _final(m, domains) for name, m in mains.items()}
+  last_steps = [f["step"] for f in finals.values() if math.isfinite(f["step"])]
+  total = _num(study.get("equal_compute", {}).get("train_steps"))
+  if not (math.isfinite(total) and total > 0):
+    total = max(last_steps) if last_steps else float("nan")
+  rounds = study.get("rounds", [])
+  if DOREMI in mains:
+    weights = mains[DOREMI].get("weights")
+  else:
+    weights = rounds[-1].get("output_weights") if rounds else None
+  baselines = {}
+  if DOREMI in mains:
+    doremi = {"final": finals[DOREMI], "evals": mains[DOREMI]["evals"]}
+    for name in mains:
+      if name != DOREMI:
+        baselines[name] = _compare(doremi, finals[name], domains, total, tolerance)
+  beats_all = bool(baselines) and all(
+      b["verdict_average"] == "better" and b["verdict_worst"] == "better"
+      for b in baselines.values())
+  return _json_safe({
+      "name": study.get("name"), "mixture": study.get("mixture"), "domains": domains,
+      "tolerance": tolerance, "reference_run": DOREMI, "has_doremi": DOREMI in mains,
+      "total_steps": total, "num_rounds": len(rounds),
+      "converged": bool(study.get("converged", False)),
+      "max_abs_change": rounds[-1].get("max_abs_change") if rounds else None,
+      "doremi_weights": weights,
+      "final": finals,
+      "baselines": baselines, "better_than_all_baselines": beats_all})
+
+
+# ---------------------------------------------------------------- markdown
+
+
+def _f(x, nd=4):
+  x = _num(x)
+  return f"{x:.{nd}f}" if math.isfinite(x) else "NaN (diverged)"
+
+
+def _table(header, rows):
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+  return "\n".join(lines)
+
+
+def _flatten(d, prefix=""):
+  out = []
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out += _flatten(v, f"{prefix}{k}.")
+    else:
+      out.append((f"{prefix}{k}", v))
+  return out
+
+
+def _verdict_text(v, delta, rel, tol):
+  if v == "diverged":
+    return "**diverged** (DoReMi's value is NaN: worse)"
+  if delta is None:
+    return f"**{v}** (the baseline diverged)"
+  size = f"{abs(delta):.4f} nats ({abs(rel or 0) * 100:.2f}%)"
+  if v == "equal":
+    return f"**equal**: differs by {size}, within the {tol * 100:.2g}% tolerance"
+  return f"**{v}** by {size}"
+
+
+def _reach_text(name, b):
+  if b["baseline_diverged"] and b["target_average"] is None:
+    return f"{name} diverged: no final average to reach"
+  if b["steps_to_reach"] is None:
+    return f"never reached {name}'s final average within the run"
+  text = f"reaches {name}'s final average at step {b['steps_to_reach']:.0f}"
+  if b["fraction_of_steps"] is not None:
+    text += f", {b['fraction_of_steps'] * 100:.0f}% of steps"
+  if b["speedup"] is not None:
+    text += f" ({b['speedup']:.2f}x)"
+  return text
+
+
+def _header_md(study, s):
+  ec = study.get("equal_compute", {})
+  mac = "n/a" if s["max_abs_change"] is None else f"{s['max_abs_change']:.4g}"
+  lines = [f"# DoReMi study: {s['name']}", "",
+           f"Mixture `{s['mixture']}` with {len(s['domains'])} domains. DoReMi ran "
+           f"{s['num_rounds']} round(s) (converged: {'yes' if s['converged'] else 'no'}; "
+           f"last max |avg - ref| = {mac}). Main models: "
+           + ", ".join(f"`{n}`" for n in study.get("mains", {})) + "."]
+  if ec:
+    lines += ["", f"Equal compute per main model: {ec.get('train_steps')} steps x "
+              f"{ec.get('batch_size')} sequences x {ec.get('seq_len')} tokens = "
+              f"{ec.get('tokens')} tokens."]
+  cfg = _flatten(study.get("config", {}))
+  if cfg:
+    lines += ["", "## Configuration", "", _table(["key", "value"], cfg)]
+  return "\n".join(lines)
+
+
+def _weights_md(study, s):
+  rounds, mains, domains = study.get("rounds", []), study.get("mains", {}), s["domains"]
+  cols, header = [], []
+  if rounds:
+    cols.append(rounds[0].get("reference_weights", {}))
+    header.append("reference")
+    for r in rounds:
+      cols.append(r.get("output_weights", {}))
+      header.append(f"DoReMi round {r.get('round')}")
+  for n, m in mains.items():
+    cols.append(m.get("weights", {}))
+    header.append(f"main `{n}`")
+  rows = [[d] + [_f(c.get(d), 4) if d in c else "-" for c in cols] for d in domains]
+  return "## Domain weights\n\n" + _table(["domain"] + header, rows)
+
+
+def _ppl_md(s):
+  names = list(s["final"])
+  def row(label, vals):
+    fin = [v for v in vals if math.isfinite(_num(v))]
+    best = min(fin) if fin else None
+    return [label] + [f"**{_f(v)}**" if best is not None and _num(v) == best else _f(v)
+                      for v in vals]
+  rows = [row(d, [s["final"][n]["per_domain"][d] for n in names]) for d in s["domains"]]
+  rows.append(row("**average**", [s["final"][n]["average"] for n in names]))
+  rows.append(row("**worst**", [s["final"][n]["worst"] for n in names]))
+  return ("## Final held-out log-perplexity (nats/token; lower is better, best in bold)\n\n"
+          + _table(["domain"] + [f"`{n}`" for n in names], rows))
+
+
+def _comparison_md(s):
+  tol = s["tolerance"]
+  lines = ["## DoReMi against each baseline", ""]
+  if not s["has_doremi"]:
+    return "\n".join(lines + ["No `doremi` main model in this study: no comparison."])
+  if not s["baselines"]:
+    return "\n".join(lines + ["No baselines in this study: no comparison."])
+  lines += [f"Verdict rule: difference = DoReMi - baseline; **equal** when |difference| <= "
+            f"{tol * 100:.2g}% of the baseline's value (the tolerance), else **better** "
+            "(lower) or **worse**. Each run has one seed, so differences under the tolerance "
+            "are noise. A NaN (diverged) DoReMi value counts as worse.", ""]
+  rows = []
+  for n, b in s["baselines"].items():
+    rows.append([f"`{n}`",
+                 _verdict_text(b["verdict_average"], b["delta_average"],
+                               b["relative_average"], tol),
+                 _verdict_text(b["verdict_worst"], b["delta_worst"], b["relative_worst"], tol),
+                 f"better on {b['domains_better']}/{b['num_domains']} domains",
+                 _reach_text(n, b)])
+  lines.append(_table(["baseline", "average", "worst case", "domains", "steps to reach "
+                       "baseline"], rows))
+  lines += ["", "Steps to reach: the first step, linearly interpolated between eval points, "
+            "at which DoReMi's average log-perplexity is at most the baseline's final "
+            f"average; fractions are of {_f(s['total_steps'], 0)} total steps."]
+  return "\n".join(lines)
+
+
+def _closing_md(s):
+  scale = (f"Scale matters too: the paper used {_PAPER_SCALE}; this study ran "
+           f"{_f(s['total_steps'], 0)} steps per main model, and tiny CPU demo runs are far "
+           "from that scale, so their results need not transfer in either direction. Each "
+           "run has one seed.")
+  indep = ("independent studies (Aioli, ICLR 2025; UtiliMax, 2025) found that DoReMi often "
+           "fails to beat simple stratified (uniform) or token-count baselines outside the "
+           "paper's setup")
+  if not s["baselines"]:
+    return "## Conclusion\n\nNo baseline comparison was possible. " + scale
+  if s["better_than_all_baselines"]:
+    text = ("DoReMi's main model beat every baseline on both average and worst-case "
+            "log-perplexity in this study. Treat this with care: " + indep + ". " + scale)
+  else:
+    misses = [f"`{n}` (average: {b['verdict_average']}, worst case: {b['verdict_worst']})"
+              for n, b in s["baselines"].items()
+              if not (b["verdict_average"] == "better" and b["verdict_worst"] == "better")]
+    text = ("**DoReMi did not beat every baseline in this study.** It was not better on both "
+            "average and worst-case log-perplexity than: " + ", ".join(misses) + ". This is "
+            "not unusual: " + indep + ". " + scale)
+  return "## Conclusion\n\n" + text
+
+
+def render_markdown(study, summary, plots):
+  """report.md text; `plots` maps plot name to a path relative to report.md."""
+  parts = [_header_md(study, summary), _weights_md(study, summary)]
+  if "weights" in plots:
+    parts.append(f"![final weights]({plots['weights']})")
+  if "trajectories" in plots:
+    parts.append(f"Weight trajectories (thin: current weights; thick: running average):\n\n"
+                 f"![domain weight trajectories]({plots['trajectories']})")
+  parts.append(_ppl_md(summary))
+  if "final_ppl" in plots:
+    parts.append(f"![final per-domain log-perplexity]({plots['final_ppl']})")
+  if "curves" in plots:
+    parts.append(f"![log-perplexity against steps]({plots['curves']})")
+  parts += [_comparison_md(summary), _closing_md(summary)]
+  return "\n\n".join(parts) + "\n"
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _colors(n):
+  """n distinct colors: tab10, tab20, then an evenly spaced hsv."""
+  if n <= 20:
+    cm = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
+    return [cm(i) for i in range(n)]
+  return [matplotlib.colormaps["hsv"](i / n) for i in range(n)]
+
+
+def _save(fig, path):
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  return path
+
+
+def _plot_trajectories(study, domains, path):
+  rounds = [r for r in study.get("rounds", [])
+            if (r.get("trajectory") or {}).get("domain_weights")]
+  if not rounds:
+    return None
+  colors = _colors(len(domains))
+  fig = Figure(figsize=(5.5 * len(rounds) + 2.5, 4.5))
+  axes = fig.subplots(1, len(rounds), squeeze=False, sharey=True)[0]
+  for ax, r in zip(axes, rounds):
+    t = r["trajectory"]
+    steps = t.get("steps") or list(range(len(t["domain_weights"])))
+    dw, avg = np.asarray(t["domain_weights"], float), t.get("avg_domain_weights")
+    for i, d in enumerate(domains):
+      ax.plot(steps, dw[:, i], color=colors[i], lw=0.8, alpha=0.6)
+      if avg:
+        ax.plot(steps, np.asarray(avg, float)[:, i], color=colors[i], lw=2.5, label=d)
+      else:
+        ax.lines[-1].set_label(d)
+    ax.set_title(f"round {r.get('round')}")
+    ax.set_xlabel("proxy step")
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel("domain weight (thin: current, thick: average)")
+  axes[-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
+  return _save(fig, path)
+
+
+def _bar_chart(groups, series, ylabel, title, path):
+  """Grouped bars, series: {label: [value per group]}; NaN bars are marked 'NaN'."""
+  fig = Figure(figsize=(max(7.0, 0.9 * len(groups) + 2), 4.5))
+  ax = fig.subplots()
+  x, w = np.arange(len(groups)), 0.8 / max(len(series), 1)
+  for j, (color, (label, vals)) in enumerate(zip(_colors(len(series)), series.items())):
+    vals = np.asarray([_num(v) for v in vals])
+    pos = x - 0.4 + w * (j + 0.5)
+    ax.bar(pos, np.where(np.isfinite(vals), vals, 0.0), w, label=label, color=color)
+    for p in pos[~np.isfinite(vals)]:
+      ax.text(p, 0, "NaN", rotation=90, ha="center", va="bottom", fontsize=7, color="red")
+  tilt = len(groups) > 4
+  ax.set_xticks(x)
+  ax.set_xticklabels(groups, rotation=45 if tilt else 0, ha="right" if tilt else "center",
+                     fontsize=8)
+  ax.set(ylabel=ylabel, title=title)
+  ax.grid(axis="y", alpha=0.3)
+  ax.legend(fontsize=8)
+  return _save(fig, path)
+
+
+def _plot_final_ppl(summary, path):
+  final, domains = summary["final"], summary["domains"]
+  series = {n: [f["per_domain"][d] for d in domains] + [f["average"], f["worst"]]
+            for n, f in final.items()}
+  return _bar_chart(domains + ["average", "worst"], series,
+                    "final log-perplexity (nats/token)",
+                    "Final held-out log-perplexity per domain (lower is better)", path)
+
+
+def _plot_curves(study, path):
+  mains = study.get("mains", {})
+  fig = Figure(figsize=(11, 4.2))
+  axes = fig.subplots(1, 2)
+  for color, (n, m) in zip(_colors(len(mains)), mains.items()):
+    steps = [_num(e.get("step")) for e in m["evals"]]
+    for ax, key in zip(axes, ("average", "worst")):
+      vals = [_eval_value(e, key) for e in m["evals"]]
+      ax.plot(steps, vals, marker="o", ms=3, lw=2.5 if n == DOREMI else 1.5,
+              color=color, label=n, zorder=3 if n == DOREMI else 2)
+  for ax, title in zip(axes, ("average", "worst-case")):
+    ax.set_title(f"{title} log-perplexity")
+    ax.set_xlabel("main-model step")
+    ax.set_ylabel("nats/token")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  return _save(fig, path)
+
+
+def _plot_weights(study, summary, path):
+  domains = summary["domains"]
+  series = {n: [m["weights"].get(d) for d in domains]
+            for n, m in study.get("mains", {}).items() if m.get("weights")}
+  if not series:
+    return None
+  return _bar_chart(domains, series, "sampling weight", "Domain weights of each main model",
+                    path)
+
+
+def write_plots(study, summary, plot_dir):
+  """Writes the PNGs into plot_dir; returns {name: file name} for those written."""
+  os.makedirs(plot_dir, exist_ok=True)
+  made = {
+      "trajectories": _plot_trajectories(study, summary["domains"],
+                                         os.path.join(plot_dir, "weight_trajectories.png")),
+      "final_ppl": _plot_final_ppl(summary, os.path.join(plot_dir, "final_log_ppl.png")),
+      "curves": _plot_curves(study, os.path.join(plot_dir, "log_ppl_vs_steps.png")),
+      "weights": _plot_weights(study, summary, os.path.join(plot_dir, "final_weights.png")),
+  }
+  return {k: os.path.basename(v) for k, v in made.items() if v}
+
+
+def write_report(study, out_dir, tolerance=DEFAULT_TOLERANCE):
+  """Writes out_dir/report.md, out_dir/summary.json, out_dir/plots/*.png; returns summary."""
+  summary = compute_summary(study, tolerance)
+  os.makedirs(out_dir, exist_ok=True)
+  plots = write_plots(study, summary, os.path.join(out_dir, "plots"))
+  rel = {k: f"plots/{v}" for k, v in plots.items()}
+  with open(os.path.join(out_dir, "report.md"), "w") as f:
+    f.write(render_markdown(study, summary, rel))
+  with open(os.path.join(out_dir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=2, allow_nan=False)
+  return summary
