@@ -1,0 +1,362 @@
+"""Deterministic, per-host, resumable training input over SeqIO domains.
+
+Each domain's split is tokenized (through its SeqIO Task: tokenize, EOS,
+domain_ids) and packed ONCE into numpy arrays [N_d, L] cached on disk (local
+or gs://, via tf.io.gfile), keyed by a hash of (domain set, split, L,
+vocabulary, data fingerprint, packing mode). Packing concatenates a domain's
+documents and cuts the stream into rows of L tokens; documents are segments
+(segment_ids 1.., positions restart at 0), and a document cut by a row end
+continues as a new segment of the next row. No token is dropped; only the
+last row is padded.
+
+BatchIterator is a counter-based sampler: the global batch at step s is a
+pure function of (seed, s, per-domain draw counters). Every host computes the
+same global domain assignment and materializes only its rows. The n-th draw
+from domain d is permutation(seed, d, n // N_d)[n % N_d], so no sequence
+repeats within a pass over a domain.
+"""
+import hashlib
+import io
+import logging
+import os
+from typing import Iterator, Mapping, Optional, Union
+
+import numpy as np
+
+FEATURES = ("inputs", "targets", "segment_ids", "positions", "domain_ids")
+MIXED_POOL = "__mixed__"
+
+
+def domain_names(mixture_or_task_name: str) -> list[str]:
+  """Domains in domain-id order (id = index + 1); see data_pipelines.core."""
+  from data_pipelines import core  # pylint: disable=g-import-not-at-top
+  return core.domain_names(mixture_or_task_name)
+
+
+def default_cache_dir() -> str:
+  root = os.environ.get("DOREMI_JAX_DATA_DIR") or os.path.join(
+      os.path.expanduser("~"), ".cache", "doremi_jax")
+  return os.path.join(root, "packed")
+
+
+def pack_documents(docs_tokens: list[np.ndarray], docs_domains: list[int],
+                   length: int) -> dict[str, np.ndarray]:
+  """Packs token lists into rows [N, length] (see the module docstring)."""
+  if not docs_tokens:
+    return {k: np.zeros((0, length), np.int32) for k in FEATURES}
+  lens = np.array([len(t) for t in docs_tokens], np.int64)
+  stream = np.concatenate(docs_tokens).astype(np.int32)
+  doc = np.repeat(np.arange(len(lens)), lens)
+  dom = np.repeat(np.asarray(docs_domains, np.int32), lens)
+  total = len(stream)
+  n = -(-total // length)
+  pad = n * length - total
+  targets = np.pad(stream, (0, pad)).reshape(n, length)
+  doc = np.pad(doc, (0, pad), constant_values=-1).reshape(n, length)
+  domain_ids = np.pad(dom, (0, pad)).reshape(n, length)
+  valid = doc >= 0
+  change = np.ones_like(valid)
+  change[:, 1:] = doc[:, 1:] != doc[:, :-1]
+  segment_ids = np.where(valid, np.cumsum(change, axis=1), 0).astype(np.int32)
+  col = np.broadcast_to(np.arange(length), (n, length))
+  start = np.maximum.accumulate(np.where(change, col, 0), axis=1)
+  positions = np.where(valid, col - start, 0).astype(np.int32)
+  inputs = np.zeros_like(targets)
+  inputs[:, 1:] = targets[:, :-1]
+  inputs = np.where(positions == 0, 0, inputs).astype(np.int32)
+  return {"inputs": inputs, "targets": targets, "segment_ids": segment_ids,
+          "positions": positions, "domain_ids": domain_ids.astype(np.int32)}
+
+
+def _source_fingerprint(task) -> str:
+  fp = getattr(task.source, "fingerprint", None)
+  if callable(fp):
+    fp = fp()
+  return str(fp) if fp is not None else repr(task.source)
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  with tf.io.gfile.GFile(path, "rb") as f:
+    data = np.load(io.BytesIO(f.read()))
+    return {k: data[k] for k in data.files}
+
+
+def _write_npz(path: str, arrays: Mapping[str, np.ndarray]) -> None:
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  tf.io.gfile.makedirs(os.path.dirname(path))
+  tmp = f"{path}.tmp{os.getpid()}"
+  with tf.io.gfile.GFile(tmp, "wb") as f:
+    f.write(buf.getvalue())
+  tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+class PackedDomains:
+  """Per-domain packed sequences; every feature has shape [N_d, L].
+
+  Attributes:
+    names: domains in domain-id order.
+    arrays: pool -> feature -> array. Pools are the domains, or the single
+      pool "__mixed__" with pack_across_domains=True.
+    num_sequences / num_tokens: per pool (non-padding tokens).
+    mixture_rates: {domain: rate} of the mixture, if built from one.
+  """
+
+  def __init__(self, names, arrays, *, mixture_rates=None, split="train",
+               sequence_length=None):
+    self.names = list(names)
+    self.arrays = arrays
+    self.mixture_rates = mixture_rates
+    self.split = split
+    self.sequence_length = sequence_length
+    self.num_sequences = {k: int(v["targets"].shape[0])
+                          for k, v in arrays.items()}
+    self.num_tokens = {k: int((v["segment_ids"] > 0).sum())
+                       for k, v in arrays.items()}
+
+  @property
+  def mixed(self) -> bool:
+    return MIXED_POOL in self.arrays
+
+  @classmethod
+  def build(cls, mixture_or_task_name: str, split: str, sequence_length: int,
+            *, cache_dir: Optional[str] = None,
+            pack_across_domains: bool = False,
+            seed: int = 0) -> "PackedDomains":
+    """Tokenizes and packs every domain of the mixture's set (cached).
+
+    Args:
+      mixture_or_task_name: a data_pipelines mixture, task or domain set.
+      split: e.g. "train" or "validation".
+      sequence_length: L.
+      cache_dir: local or gs:// directory; default
+        $DOREMI_JAX_DATA_DIR/packed or ~/.cache/doremi_jax/packed.
+      pack_across_domains: pack documents of all domains (interleaved in a
+        seeded order) into shared rows; per-token domain_ids stay exact.
+      seed: order of documents when packing across domains.
+    """
+    from data_pipelines import core  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    dset = core.get_domain_set(mixture_or_task_name)
+    rates = core.mixture_rates(mixture_or_task_name)
+    tasks = dset.tasks()
+    key = hashlib.sha256(repr((
+        dset.name, split, int(sequence_length), repr(dset.vocabulary),
+        [(d, _source_fingerprint(t)) for d, t in tasks],
+        pack_across_domains, seed if pack_across_domains else 0,
+    )).encode()).hexdigest()[:16]
+    base = os.path.join(cache_dir or default_cache_dir(),
+                        f"{dset.name}_{split}_L{sequence_length}_{key}")
+    pools = [MIXED_POOL] if pack_across_domains else dset.domains
+    paths = {p: os.path.join(base, f"{p}.npz") for p in pools}
+    if all(tf.io.gfile.exists(p) for p in paths.values()):
+      arrays = {p: _read_npz(path) for p, path in paths.items()}
+      return cls(dset.domains, arrays, mixture_rates=rates, split=split,
+                 sequence_length=sequence_length)
+    docs = {}
+    for i, (dom, task) in enumerate(tasks):
+      if split not in task.source.splits:
+        raise ValueError(f"Domain {dom!r} has no {split!r} split (splits: "
+                         f"{list(task.source.splits)}); add one to its source.")
+      ds = task.get_dataset(None, split=split, shuffle=False)
+      toks = [ex["targets"] for ex in ds.as_numpy_iterator()
+              if len(ex["targets"])]
+      if not toks:
+        hint = (" Add documents or raise the validation fraction."
+                if split != "train" else " Check its files / source.")
+        raise ValueError(f"Domain {dom!r} has no documents in split "
+                         f"{split!r}.{hint}")
+      docs[dom] = (toks, i + 1)
+    if pack_across_domains:
+      order = [(d, j) for d in dset.domains for j in range(len(docs[d][0]))]
+      perm = np.random.default_rng(seed).permutation(len(order))
+      order = [order[k] for k in perm]
+      arrays = {MIXED_POOL: pack_documents(
+          [docs[d][0][j] for d, j in order], [docs[d][1] for d, _ in order],
+          sequence_length)}
+    else:
+      arrays = {d: pack_documents(t, [i] * len(t), sequence_length)
+                for d, (t, i) in docs.items()}
+    for pool, path in paths.items():
+      _write_npz(path, arrays[pool])
+    logging.info("Packed %s/%s at L=%d into %s", dset.name, split,
+                 sequence_length, base)
+    return cls(dset.domains, arrays, mixture_rates=rates, split=split,
+               sequence_length=sequence_length)
+
+
+def _gather(arrays: Mapping[str, np.ndarray], rows) -> dict[str, np.ndarray]:
+  out = {k: arrays[k][rows] for k in FEATURES}
+  return out
+
+
+def _finish(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  batch["loss_mask"] = (batch["segment_ids"] > 0).astype(np.float32)
+  return batch
+
+
+class BatchIterator:
+  """Global batches of packed sequences; this host's rows only.
+
+  sampling: "mixture" (mixture_rates, default packed.mixture_rates), "uniform"
+  (iid uniform over domains), "stratified" (each domain B//K rows, the
+  remainder B%K rotating with the step), or an explicit {domain: weight}.
+  """
+
+  def __init__(self, packed: PackedDomains, *, global_batch_size: int,
+               seed: int, sampling: Union[str, Mapping[str, float]] = "mixture",
+               mixture_rates: Optional[Mapping[str, float]] = None,
+               process_index: int = 0, process_count: int = 1):
+    if global_batch_size % process_count:
+      raise ValueError(
+          f"global_batch_size={global_batch_size} is not divisible by "
+          f"process_count={process_count}; choose a multiple of it.")
+    if not 0 <= process_index < process_count:
+      raise ValueError(f"process_index={process_index} not in "
+                       f"[0, {process_count}).")
+    self.packed = packed
+    self.domain_names = list(packed.names)
+    self.global_batch_size = global_batch_size
+    self.seed = int(seed)
+    self.process_index = process_index
+    self.process_count = process_count
+    self.pools = list(packed.arrays)
+    for pool in self.pools:
+      if packed.num_sequences[pool] == 0:
+        raise ValueError(f"Domain {pool!r} has no sequences; add documents "
+                         "or remove the domain from the set.")
+    k = len(self.pools)
+    self.sampling = sampling if isinstance(sampling, str) else "weights"
+    if packed.mixed:
+      self.sampling, self.probs = "mixed", np.ones(1)
+    elif sampling == "stratified":
+      self.probs = None
+    elif sampling == "uniform":
+      self.probs = np.full(k, 1.0 / k)
+    else:
+      if sampling == "mixture":
+        w = mixture_rates or packed.mixture_rates
+        if w is None:
+          raise ValueError("sampling='mixture' needs mixture_rates.")
+      elif isinstance(sampling, Mapping):
+        w = sampling
+      else:
+        raise ValueError(f"Unknown sampling {sampling!r}: use 'mixture', "
+                         "'uniform', 'stratified' or a {domain: weight} dict.")
+      unknown = sorted(set(w) - set(self.pools))
+      if unknown:
+        raise ValueError(f"Unknown domains {unknown} in sampling weights; "
+                         f"known: {self.pools}.")
+      p = np.array([float(w.get(d, 0.0)) for d in self.pools])
+      if (p < 0).any() or p.sum() <= 0:
+        raise ValueError(f"Sampling weights must be >= 0 with a positive "
+                         f"sum, got {dict(w)}.")
+      self.probs = p / p.sum()
+    self._step = 0
+    self._draws = np.zeros(k, np.int64)
+    self._perm_cache: dict[tuple[int, int], np.ndarray] = {}
+
+  # ----------------------------------------------------------------- state
+
+  def get_state(self) -> dict[str, np.ndarray]:
+    return {"step": np.array(self._step, np.int64),
+            "draws": self._draws.copy()}
+
+  def set_state(self, state: Mapping[str, np.ndarray]) -> None:
+    draws = np.asarray(state["draws"], np.int64)
+    if draws.shape != self._draws.shape:
+      raise ValueError(f"Input state has {draws.shape[0]} domains, this "
+                       f"iterator {self._draws.shape[0]}.")
+    self._step = int(np.asarray(state["step"]))
+    self._draws = draws.copy()
+
+  # -------------------------------------------------------------- sampling
+
+  def _assignment(self, step: int) -> np.ndarray:
+    """Pool index of each global row at `step` (same on every host)."""
+    b, k = self.global_batch_size, len(self.pools)
+    rng = np.random.default_rng([self.seed, step, 0x5EED])
+    if self.sampling == "stratified":
+      counts = np.full(k, b // k)
+      r = b % k
+      counts[(step * r + np.arange(r)) % k] += 1
+      assign = np.repeat(np.arange(k), counts)
+      return assign[rng.permutation(b)]
+    return rng.choice(k, size=b, p=self.probs)
+
+  def _perm(self, d: int, epoch: int) -> np.ndarray:
+    key = (d, epoch)
+    if key not in self._perm_cache:
+      if len(self._perm_cache) > 4 * len(self.pools):
+        self._perm_cache.clear()
+      n = self.packed.num_sequences[self.pools[d]]
+      self._perm_cache[key] = np.random.default_rng(
+          [self.seed, d, epoch, 0xD0E]).permutation(n)
+    return self._perm_cache[key]
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    assign = self._assignment(self._step)
+    b_host = self.global_batch_size // self.process_count
+    lo, hi = self.process_index * b_host, (self.process_index + 1) * b_host
+    # Draw number of every global row: per-domain running counters.
+    draw = np.empty_like(assign, dtype=np.int64)
+    for d in np.unique(assign):
+      rows = np.nonzero(assign == d)[0]
+      draw[rows] = self._draws[d] + np.arange(len(rows))
+      n = self.packed.num_sequences[self.pools[d]]
+      first, last = self._draws[d] // n, (self._draws[d] + len(rows)) // n
+      for epoch in range(first + 1, last + 1):
+        if epoch * n < self._draws[d] + len(rows):
+          logging.info("domain %s: starting pass %d", self.pools[d], epoch + 1)
+      self._draws[d] += len(rows)
+    out = {k: np.empty((b_host, self.packed.sequence_length or
+                        next(iter(self.packed.arrays.values()))[
+                            "targets"].shape[1]), np.int32) for k in FEATURES}
+    host_assign, host_draw = assign[lo:hi], draw[lo:hi]
+    for d in np.unique(host_assign):
+      rows = np.nonzero(host_assign == d)[0]
+      n = self.packed.num_sequences[self.pools[d]]
+      draws = host_draw[rows]
+      idx = np.empty(len(rows), np.int64)
+      for epoch in np.unique(draws // n):
+        sel = draws // n == epoch
+        idx[sel] = self._perm(d, int(epoch))[draws[sel] % n]
+      arrays = self.packed.arrays[self.pools[d]]
+      for k in FEATURES:
+        out[k][rows] = arrays[k][idx]
+    self._step += 1
+    return _finish(out)
+
+
+def eval_batches(packed_validation: PackedDomains, batch_size: int,
+                 process_index: int = 0, process_count: int = 1
+                 ) -> Iterator[dict[str, np.ndarray]]:
+  """Fixed batches covering every sequence of every domain exactly once.
+
+  Rows are in domain-id order; the last global batch is padded with all-zero
+  rows (loss_mask 0, domain_ids 0). Yields this host's slice of each batch.
+  """
+  if batch_size % process_count:
+    raise ValueError(f"batch_size={batch_size} is not divisible by "
+                     f"process_count={process_count}.")
+  pools = list(packed_validation.arrays)
+  total = sum(packed_validation.num_sequences[p] for p in pools)
+  if total == 0:
+    raise ValueError("No validation sequences in any domain.")
+  b_host = batch_size // process_count
+  locs = [(p, i) for p in pools
+          for i in range(packed_validation.num_sequences[p])]
+  length = packed_validation.arrays[pools[0]]["targets"].shape[1]
+  for start in range(0, total, batch_size):
+    rows = locs[start + process_index * b_host:
+                min(start + (process_index + 1) * b_host, start + batch_size)]
+    out = {k: np.zeros((b_host, length), np.int32) for k in FEATURES}
+    for j, (p, i) in enumerate(rows):
+      for k in FEATURES:
+        out[k][j] = packed_validation.arrays[p][k][i]
+    yield _finish(out)
