@@ -1,0 +1,204 @@
+"""Decoder-only Transformer (Flax Linen) with logical axis names on every parameter.
+
+Pre-norm RMSNorm, rotary positions, gated (SwiGLU) MLP, no biases, causal attention that
+never crosses packed examples (segment ids). Parameters are float32; `dtype` sets the compute
+dtype. Logical axis names: batch, length, embed, mlp, heads, kv, vocab.
+
+Shape key: B batch, L length, D model dim, H heads, K head dim (kv), F mlp dim, V vocab.
+"""
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Model hyperparameters; the gin model files in gin/models/ bind these."""
+  vocab_size: int = 259  # seqio.ByteVocabulary: 256 bytes + pad, eos, unk.
+  emb_dim: int = 64
+  num_heads: int = 2
+  head_dim: int = 32
+  num_layers: int = 2
+  mlp_dim: int = 256
+  max_len: int = 2048
+  tie_embeddings: bool = True
+  dtype: str = "float32"  # compute dtype: "float32" or "bfloat16"
+  remat: str = "none"  # "none" | "full" | "dots" (save matmul outputs)
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-6
+
+  @property
+  def padded_vocab_size(self) -> int:
+    """Embedding rows rounded up to a multiple of 128 so the vocab axis shards evenly."""
+    return -(-self.vocab_size // 128) * 128
+
+  @property
+  def compute_dtype(self) -> Dtype:
+    return jnp.dtype(self.dtype)
+
+  def num_params(self) -> int:
+    """Parameter count (embeddings included)."""
+    attn = 4 * self.emb_dim * self.num_heads * self.head_dim
+    mlp = 3 * self.emb_dim * self.mlp_dim
+    per_layer = attn + mlp + 2 * self.emb_dim
+    emb = self.padded_vocab_size * self.emb_dim * (1 if self.tie_embeddings else 2)
+    return self.num_layers * per_layer + emb + self.emb_dim
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward), with attention."""
+    # Non-embedding parameters plus the output projection (an embedding lookup is free).
+    n = self.num_params() - self.padded_vocab_size * self.emb_dim * (1 if self.tie_embeddings else 1)
+    n += self.padded_vocab_size * self.emb_dim
+    attn = 2 * self.num_layers * seq_len * self.num_heads * self.head_dim
+    return 6.0 * n + 6.0 * attn
+
+
+def _dense_init():
+  # DenseGeneral hands the initializer a kernel flattened to 2D [fan_in, fan_out].
+  return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                       (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return (y * scale).astype(self.dtype)
+
+
+def rotary(x_BxLxHxK, positions_BxL, theta: float):
+  """Rotary position embedding (half-split convention)."""
+  half = x_BxLxHxK.shape[-1] // 2
+  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle = positions_BxL[:, :, None, None].astype(jnp.float32) * freq  # B, L, 1, K/2
+  sin, cos = jnp.sin(angle), jnp.cos(angle)
+  x1, x2 = jnp.split(x_BxLxHxK.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxHxK.dtype)
+
+
+def attention_mask(segment_ids_BxL):
+  """Causal mask that never crosses packed examples; padding (segment 0) sees nothing."""
+  length = segment_ids_BxL.shape[1]
+  causal = jnp.tril(jnp.ones((length, length), dtype=jnp.bool_))
+  same = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+  valid = (segment_ids_BxL != 0)[:, :, None]
+  return causal[None] & same & valid  # B, Lq, Lk
+
+
+class Attention(nn.Module):
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL):
+    cfg = self.cfg
+    dt = cfg.compute_dtype
+
+    def proj(name):
+      return nn.DenseGeneral(
+          (cfg.num_heads, cfg.head_dim), use_bias=False, dtype=dt, param_dtype=jnp.float32,
+          kernel_init=nn.with_logical_partitioning(_dense_init(), ("embed", "heads", "kv")),
+          name=name)(x_BxLxD)
+
+    q, k, v = proj("query"), proj("key"), proj("value")
+    q = rotary(q, positions_BxL, cfg.rope_theta)
+    k = rotary(k, positions_BxL, cfg.rope_theta)
+    q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+    k = nn.with_logical_constraint(k, ("batch", "length", "heads", "kv"))
+    v = nn.with_logical_constraint(v, ("batch", "length", "heads", "kv"))
+    logits = jnp.einsum("bqhk,bshk->bhqs", q, k).astype(jnp.float32) / jnp.sqrt(cfg.head_dim)
+    mask = attention_mask(segment_ids_BxL)[:, None]
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    # Rows with no visible key (padding) would be uniform; zero them so they carry nothing.
+    probs = jnp.where(mask, probs, 0.0).astype(dt)
+    out = jnp.einsum("bhqs,bshk->bqhk", probs, v)
+    out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
+    return nn.DenseGeneral(
+        cfg.emb_dim, axis=(-2, -1), use_bias=False, dtype=dt, param_dtype=jnp.float32,
+        kernel_init=nn.with_logical_partitioning(_dense_init(), ("heads", "kv", "embed")),
+        name="out")(out)
+
+
+class GatedMLP(nn.Module):
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    cfg = self.cfg
+    dt = cfg.compute_dtype
+
+    def dense(features, axes, name):
+      return nn.Dense(features, use_bias=False, dtype=dt, param_dtype=jnp.float32,
+                      kernel_init=nn.with_logical_partitioning(_dense_init(), axes), name=name)
+
+    gate = dense(cfg.mlp_dim, ("embed", "mlp"), "wi_gate")(x_BxLxD)
+    up = dense(cfg.mlp_dim, ("embed", "mlp"), "wi_up")(x_BxLxD)
+    h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
+    return dense(cfg.emb_dim, ("mlp", "embed"), "wo")(h)
+
+
+class Block(nn.Module):
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL):
+    cfg = self.cfg
+    h = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="attn_norm")(x_BxLxD)
+    x_BxLxD = x_BxLxD + Attention(cfg, name="attn")(h, segment_ids_BxL, positions_BxL)
+    x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
+    h = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="mlp_norm")(x_BxLxD)
+    x_BxLxD = x_BxLxD + GatedMLP(cfg, name="mlp")(h)
+    return nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
+
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Transformer(nn.Module):
+  """Returns float32 logits [B, L, V] for decoder inputs (already shifted right)."""
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, inputs_BxL, segment_ids_BxL, positions_BxL):
+    cfg = self.cfg
+    embed = self.param(
+        "embedding",
+        nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), ("vocab", "embed")),
+        (cfg.padded_vocab_size, cfg.emb_dim), jnp.float32)
+    x = jnp.take(embed, inputs_BxL, axis=0).astype(cfg.compute_dtype)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    block = Block
+    if cfg.remat != "none":
+      if cfg.remat not in _REMAT_POLICIES:
+        raise ValueError(f"remat={cfg.remat!r}: use one of 'none', {sorted(_REMAT_POLICIES)}")
+      block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat])
+    for i in range(cfg.num_layers):
+      x = block(cfg, name=f"layer_{i}")(x, segment_ids_BxL, positions_BxL)
+    x = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="final_norm")(x)
+    if cfg.tie_embeddings:
+      logits = jnp.einsum("bld,vd->blv", x, embed.astype(cfg.compute_dtype)) / jnp.sqrt(cfg.emb_dim)
+    else:
+      logits = nn.Dense(
+          cfg.padded_vocab_size, use_bias=False, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+          kernel_init=nn.with_logical_partitioning(_dense_init(), ("embed", "vocab")),
+          name="logits")(x)
+    logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+    # Padding rows of the vocabulary are never predicted.
+    real = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
+    return jnp.where(real, logits.astype(jnp.float32), -1e9)

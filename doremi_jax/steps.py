@@ -1,0 +1,168 @@
+"""Pure steps: train_step, proxy_step (DoReMi) and eval_step.
+
+Each is a module-level function of (state, [ref_params,] batch) with its static settings
+bound by functools.partial; train.py jits them once with explicit shardings and donation.
+Batches are dicts of [B, L] arrays: inputs, targets, loss_mask, segment_ids, positions,
+domain_ids (1-based, 0 = padding).
+"""
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from doremi_jax import doremi
+from doremi_jax import losses
+from doremi_jax.state import TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """Static settings of a step (hashable)."""
+  num_domains: int
+  accum_steps: int = 1
+  z_loss: float = 0.0
+  # DoReMi (proxy runs only).
+  eta: float = 1.0
+  smoothing: float = 1e-3
+  objective: str = "domain_mean"
+
+
+def _forward(model: nn.Module, params, batch, z_loss: float):
+  logits = model.apply({"params": params}, batch["inputs"], batch["segment_ids"],
+                       batch["positions"])
+  return losses.per_token_loss(logits, batch["targets"], batch["loss_mask"], z_loss=z_loss)
+
+
+def _microbatches(batch, accum_steps: int):
+  """[B, L] -> [k, B/k, L]; microbatch i takes rows i, i+k, ... so each stays spread over
+  the batch-sharded devices instead of living on a slice of them."""
+  def split(x):
+    b = x.shape[0]
+    return x.reshape(b // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
+  return jax.tree.map(split, batch)
+
+
+def _accumulate(fn, batch, accum_steps: int, init):
+  """Sum fn(microbatch) over microbatches (a scan; the full batch when accum_steps == 1)."""
+  if accum_steps == 1:
+    return fn(batch)
+  def body(carry, mb):
+    return jax.tree.map(jnp.add, carry, fn(mb)), None
+  out, _ = jax.lax.scan(body, init, _microbatches(batch, accum_steps))
+  return out
+
+
+def _apply_update(state: TrainState, grads, tx: optax.GradientTransformation, **replace):
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state, **replace)
+
+
+def _zeros_like_params(params):
+  return jax.tree.map(jnp.zeros_like, params)
+
+
+def train_step(state: TrainState, batch, *, model, tx, cfg: StepConfig):
+  """One optimizer step on the mean token loss of the global batch (reference and main runs).
+
+  With accumulation the gradient is the sum of microbatch gradients of the summed loss,
+  divided by the global token count: exactly the full-batch gradient.
+  """
+  num_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+
+  def micro(mb):
+    def loss_fn(params):
+      ce, loss, mask = _forward(model, params, mb, cfg.z_loss)
+      dom_sums, dom_counts = doremi.per_domain_sums(ce, mb["domain_ids"], mask, cfg.num_domains)
+      return jnp.sum(loss) / num_tokens, (jnp.sum(ce), dom_sums, dom_counts)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return grads, loss, aux
+
+  k = cfg.num_domains
+  init = (_zeros_like_params(state.params), 0.0, (0.0, jnp.zeros(k), jnp.zeros(k)))
+  grads, loss, (ce_sum, dom_sums, dom_counts) = _accumulate(micro, batch, cfg.accum_steps, init)
+  new_state = _apply_update(state, grads, tx)
+  metrics = {"loss": loss, "ce_loss": ce_sum / num_tokens, "grad_norm": optax.global_norm(grads),
+             "num_tokens": num_tokens, "domain_loss_sums": dom_sums, "domain_token_counts": dom_counts}
+  return new_state, metrics
+
+
+def proxy_step(state: TrainState, ref_params, batch, *, model, ref_model, tx, cfg: StepConfig):
+  """One DoReMi step: reference forward, excess loss, weight update, weighted proxy update.
+
+  The weights update once per global batch from per-domain excess sums and token counts
+  over all microbatches; the proxy gradient then uses the new weights alpha_t (constant).
+  Without accumulation this is one proxy forward (kept by jax.vjp) and one backward. With
+  accumulation, alpha_t is needed before any microbatch gradient, so a first pass computes
+  the losses and a second recomputes the proxy forward for the gradients.
+  """
+  k = cfg.num_domains
+  _, counts_K = doremi.per_domain_sums(batch["loss_mask"], batch["domain_ids"],
+                                       batch["loss_mask"].astype(jnp.float32), k)
+
+  def excess_sums(mb, proxy_ce):
+    ref_ce, _, mask = _forward(ref_model, ref_params, mb, 0.0)
+    excess = doremi.clipped_excess(proxy_ce, jax.lax.stop_gradient(ref_ce), mask)
+    ex_sums, _ = doremi.per_domain_sums(excess, mb["domain_ids"], mask, k)
+    ce_sums, _ = doremi.per_domain_sums(proxy_ce, mb["domain_ids"], mask, k)
+    ref_sums, _ = doremi.per_domain_sums(ref_ce, mb["domain_ids"], mask, k)
+    return ex_sums, ce_sums, ref_sums
+
+  def weights_for(dstate, mb):
+    return doremi.token_weights(dstate.alpha_K, mb["domain_ids"],
+                                mb["loss_mask"].astype(jnp.float32), counts_K, cfg.objective)
+
+  if cfg.accum_steps == 1:
+    def per_token(params):
+      ce, loss, _ = _forward(model, params, batch, cfg.z_loss)
+      return ce, loss
+    (ce, loss_BxL), vjp_fn = jax.vjp(per_token, state.params)
+    ex_sums, ce_sums, ref_sums = excess_sums(batch, jax.lax.stop_gradient(ce))
+    dstate = doremi.step(state.doremi, ex_sums, counts_K, eta=cfg.eta, smoothing=cfg.smoothing)
+    w_BxL = weights_for(dstate, batch)
+    (grads,) = vjp_fn((jnp.zeros_like(ce), w_BxL))
+    objective = jnp.sum(w_BxL * loss_BxL)
+  else:
+    def first_pass(mb):
+      ce, _, _ = _forward(model, state.params, mb, 0.0)
+      return excess_sums(mb, ce)
+    zeros = (jnp.zeros(k), jnp.zeros(k), jnp.zeros(k))
+    ex_sums, ce_sums, ref_sums = _accumulate(first_pass, batch, cfg.accum_steps, zeros)
+    dstate = doremi.step(state.doremi, ex_sums, counts_K, eta=cfg.eta, smoothing=cfg.smoothing)
+
+    def second_pass(mb):
+      w = weights_for(dstate, mb)
+      def obj(params):
+        _, loss, _ = _forward(model, params, mb, cfg.z_loss)
+        return jnp.sum(w * loss)
+      value, grads = jax.value_and_grad(obj)(state.params)
+      return grads, value
+    grads, objective = _accumulate(second_pass, batch, cfg.accum_steps,
+                                   (_zeros_like_params(state.params), 0.0))
+
+  new_state = _apply_update(state, grads, tx, doremi=dstate)
+  num_tokens = jnp.maximum(jnp.sum(counts_K), 1.0)
+  metrics = {
+      "loss": objective, "ce_loss": jnp.sum(ce_sums) / num_tokens,
+      "ref_loss": jnp.sum(ref_sums) / num_tokens, "grad_norm": optax.global_norm(grads),
+      "num_tokens": num_tokens, "domain_loss_sums": ce_sums, "domain_token_counts": counts_K,
+      "domain_excess": dstate.lambda_K, "domain_weights": dstate.alpha_K,
+      "avg_domain_weights": dstate.avg_alpha_K,
+  }
+  return new_state, metrics
+
+
+def eval_step(params, batch, *, model, cfg: StepConfig):
+  """Per-domain sums of token cross-entropy and token counts over the global batch."""
+  ce, _, mask = _forward(model, params, batch, 0.0)
+  sums, counts = doremi.per_domain_sums(ce, batch["domain_ids"], mask, cfg.num_domains)
+  return {"domain_loss_sums": sums, "domain_token_counts": counts}
+
+
+def cast_params(params, dtype: Any):
+  """A frozen reference's parameters in the compute dtype (float32 stays float32)."""
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                      params)
