@@ -138,12 +138,13 @@ class PackedDomains:
       seed: order of documents when packing across domains.
     """
     from data_pipelines import core  # pylint: disable=g-import-not-at-top
+    from data_pipelines.vocab import vocab_key  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     dset = core.get_domain_set(mixture_or_task_name)
     rates = core.mixture_rates(mixture_or_task_name)
     tasks = dset.tasks()
     key = hashlib.sha256(repr((
-        dset.name, split, int(sequence_length), repr(dset.vocabulary),
+        dset.name, split, int(sequence_length), vocab_key(dset.vocabulary),
         [(d, _source_fingerprint(t)) for d, t in tasks],
         pack_across_domains, seed if pack_across_domains else 0,
     )).encode()).hexdigest()[:16]

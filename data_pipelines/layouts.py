@@ -1,0 +1,45 @@
+"""Shared helpers for corpora whose split comes from the directory layout."""
+import glob
+import os
+from typing import Mapping, Sequence
+
+from data_pipelines import sources
+
+_SUFFIXES = (".jsonl.zst", ".jsonl", ".json.zst", ".jsonl.gz")
+
+
+def split_files(data_dir: str, aliases: Mapping[str, Sequence[str]]
+                ) -> dict[str, list[str]]:
+  """{split: files} from `<dir>/<alias>/**` or `<dir>/<alias>.jsonl[.zst]`.
+
+  Raises:
+    FileNotFoundError: no data directory, or no training files in it.
+  """
+  if not os.path.isdir(data_dir):
+    raise FileNotFoundError(f"Data directory not found: {data_dir}.")
+  out = {}
+  for split, names in aliases.items():
+    files = []
+    for name in names:
+      d = os.path.join(data_dir, name)
+      if os.path.isdir(d):
+        files += [p for p in glob.glob(os.path.join(d, "**", "*"),
+                                       recursive=True)
+                  if p.endswith(_SUFFIXES)]
+      files += [d + s for s in _SUFFIXES if os.path.isfile(d + s)]
+    if files:
+      out[split] = sorted(files)
+  if "train" not in out:
+    raise FileNotFoundError(
+        f"No training files in {data_dir}: expected {aliases['train'][0]}/"
+        "*.jsonl.zst (or .jsonl).")
+  return out
+
+
+def domain_sources(data_dir: str, aliases, domain_field: str,
+                   domain_values: Sequence[str], on_malformed: str = "error"):
+  """{domain value: source} filtering every file of the layout by field."""
+  files = split_files(data_dir, aliases)
+  return {v: sources.split_files_source(
+      files, domain_field=domain_field, domain_value=v,
+      on_malformed=on_malformed) for v in domain_values}
