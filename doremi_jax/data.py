@@ -141,7 +141,6 @@ class PackedDomains:
     from data_pipelines.vocab import vocab_key  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     dset = core.get_domain_set(mixture_or_task_name)
-    rates = core.mixture_rates(mixture_or_task_name)
     tasks = dset.tasks()
     key = hashlib.sha256(repr((
         dset.name, split, int(sequence_length), vocab_key(dset.vocabulary),
@@ -154,8 +153,8 @@ class PackedDomains:
     paths = {p: os.path.join(base, f"{p}.npz") for p in pools}
     if all(tf.io.gfile.exists(p) for p in paths.values()):
       arrays = {p: _read_npz(path) for p, path in paths.items()}
-      return cls(dset.domains, arrays, mixture_rates=rates, split=split,
-                 sequence_length=sequence_length)
+      return cls._with_rates(dset, mixture_or_task_name, arrays, split,
+                             sequence_length)
     docs = {}
     for i, (dom, task) in enumerate(tasks):
       if split not in task.source.splits:
@@ -184,8 +183,19 @@ class PackedDomains:
       _write_npz(path, arrays[pool])
     logging.info("Packed %s/%s at L=%d into %s", dset.name, split,
                  sequence_length, base)
-    return cls(dset.domains, arrays, mixture_rates=rates, split=split,
-               sequence_length=sequence_length)
+    return cls._with_rates(dset, mixture_or_task_name, arrays, split,
+                           sequence_length)
+
+  @classmethod
+  def _with_rates(cls, dset, mixture_or_task_name, arrays, split,
+                  sequence_length) -> "PackedDomains":
+    from data_pipelines import core  # pylint: disable=g-import-not-at-top
+    packed = cls(dset.domains, arrays, split=split,
+                 sequence_length=sequence_length)
+    if split == "train" and not packed.mixed:
+      core.set_natural_token_counts(dset.name, packed.num_tokens)
+    packed.mixture_rates = core.mixture_rates(mixture_or_task_name)
+    return packed
 
 
 def _gather(arrays: Mapping[str, np.ndarray], rows) -> dict[str, np.ndarray]:
