@@ -183,6 +183,7 @@ def register_domain_set(name: str,
                            preprocessors=preprocessors, output_features=feats)
     _TASK_TO_SET[task_name] = (set_name, dom)
   _DOMAIN_SETS[set_name] = dset
+  _NATURAL.pop(set_name, None)
   if register_default_mixtures:
     register_mixture(f"{set_name}_uniform", {d: 1.0 for d in domains},
                      domain_set=set_name, overwrite=overwrite)
@@ -197,14 +198,20 @@ def register_domain_set(name: str,
   return dset
 
 
-@functools.lru_cache(maxsize=None)
-def _natural_counts(set_name: str) -> tuple[tuple[str, float], ...]:
-  from data_pipelines import weights  # pylint: disable=g-import-not-at-top
-  return tuple(sorted(weights.natural_weights(set_name).items()))
+_NATURAL: dict[str, dict[str, float]] = {}
+
+
+def set_natural_token_counts(set_name: str, counts: Mapping[str, int]) -> None:
+  """Supplies the train-split token counts behind `{set}_natural` (e.g. from
+  a packed cache) so that its rates need no extra pass over the data."""
+  _NATURAL[set_name] = {d: float(c) for d, c in counts.items()}
 
 
 def _lazy_natural_rate(set_name: str, domain: str, unused_task=None) -> float:
-  return dict(_natural_counts(set_name))[domain]
+  if set_name not in _NATURAL:
+    from data_pipelines import weights  # pylint: disable=g-import-not-at-top
+    _NATURAL[set_name] = weights.natural_weights(set_name)
+  return _NATURAL[set_name][domain]
 
 
 def register_mixture(name: str, rates: Mapping[str, Any], *,

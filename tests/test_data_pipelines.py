@@ -170,3 +170,16 @@ def test_gin_mixture_files_parse():
     assert gin.query_parameter("%MIXTURE_OR_TASK_NAME")
     assert "targets" in gin.query_parameter("%TASK_FEATURE_LENGTHS")
   gin.clear_config()
+
+
+def test_demo_packed_and_natural_rates(small_demo):
+  from doremi_jax import data  # pylint: disable=g-import-not-at-top
+  packed = data.PackedDomains.build("demo_natural", "train", 64,
+                                    cache_dir=os.path.join(small_demo, "pk"))
+  assert packed.names == sorted(demo.DOMAINS)
+  total = sum(packed.num_tokens.values())
+  assert packed.mixture_rates == pytest.approx(
+      {d: n / total for d, n in packed.num_tokens.items()})
+  val = data.PackedDomains.build("demo_natural", "validation", 64,
+                                 cache_dir=os.path.join(small_demo, "pk"))
+  assert all(n > 0 for n in val.num_sequences.values())
