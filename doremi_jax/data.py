@@ -198,11 +198,6 @@ class PackedDomains:
     return packed
 
 
-def _gather(arrays: Mapping[str, np.ndarray], rows) -> dict[str, np.ndarray]:
-  out = {k: arrays[k][rows] for k in FEATURES}
-  return out
-
-
 def _finish(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   batch["loss_mask"] = (batch["segment_ids"] > 0).astype(np.float32)
   return batch
@@ -265,6 +260,7 @@ class BatchIterator:
         raise ValueError(f"Sampling weights must be >= 0 with a positive "
                          f"sum, got {dict(w)}.")
       self.probs = p / p.sum()
+    self._length = packed.arrays[self.pools[0]]["targets"].shape[1]
     self._step = 0
     self._draws = np.zeros(k, np.int64)
     self._perm_cache: dict[tuple[int, int], np.ndarray] = {}
@@ -325,9 +321,7 @@ class BatchIterator:
         if epoch * n < self._draws[d] + len(rows):
           logging.info("domain %s: starting pass %d", self.pools[d], epoch + 1)
       self._draws[d] += len(rows)
-    out = {k: np.empty((b_host, self.packed.sequence_length or
-                        next(iter(self.packed.arrays.values()))[
-                            "targets"].shape[1]), np.int32) for k in FEATURES}
+    out = {k: np.empty((b_host, self._length), np.int32) for k in FEATURES}
     host_assign, host_draw = assign[lo:hi], draw[lo:hi]
     for d in np.unique(host_assign):
       rows = np.nonzero(host_assign == d)[0]

