@@ -8,9 +8,7 @@ abstract devices, and the jitted step is lowered with abstract, sharded argument
 compiled by the TPU compiler. Nothing runs and no TPU is needed. Exit status: 0 when the
 step fits in the chip's HBM, 1 when it does not, 2 on bad input.
 """
-import argparse
 import dataclasses
-import os
 import re
 import sys
 from typing import Any, Optional, Sequence
@@ -118,6 +116,7 @@ class Report:
   flops_per_device: float
   hbm_bytes: int
   description: str = ""
+  compiler_error: str = ""  # the TPU compiler's out-of-memory message, if it gave up
 
   @property
   def total_bytes(self) -> int:
@@ -127,7 +126,7 @@ class Report:
 
   @property
   def fits(self) -> bool:
-    return self.total_bytes <= self.hbm_bytes
+    return not self.compiler_error and self.total_bytes <= self.hbm_bytes
 
   def format(self) -> str:
     gib = lambda b: f"{b / GiB:9.3f} GiB"
@@ -150,11 +149,16 @@ class Report:
         f"  total             {gib(self.total_bytes)}  of {self.hbm_bytes / GiB:.2f} GiB HBM "
         f"({100.0 * self.total_bytes / self.hbm_bytes:.1f}%)",
     ]
-    if self.peak_bytes:
+    if self.peak_bytes and not self.compiler_error:
       lines.append(f"  (XLA peak estimate {self.peak_bytes / GiB:.3f} GiB)")
-    lines.append(f"step FLOPs: {self.flops_per_device:.3e} per chip, {total_flops:.3e} total; "
-                 f">= {1e3 * self.flops_per_device / (chip['tflops'] * 1e12):.2f} ms/step at "
-                 f"{chip['tflops']:g} TFLOP/s peak")
+    if self.compiler_error:
+      lines.append(f"  the TPU compiler gave up: {self.compiler_error}")
+    if self.compiler_error and not self.flops_per_device:
+      lines.append("step FLOPs: unknown (not compiled)")
+    else:
+        lines.append(f"step FLOPs: {self.flops_per_device:.3e} per chip, {total_flops:.3e} "
+                   f"total; >= {1e3 * self.flops_per_device / (chip['tflops'] * 1e12):.2f} "
+                   f"ms/step at {chip['tflops']:g} TFLOP/s peak")
     if self.fits:
       lines.append("FITS")
     else:
@@ -187,50 +191,48 @@ def analyze(compiled, *, topology: str, family: str, num_devices: int, mesh_shap
                 hbm_bytes=int(CHIPS[family]["hbm_gib"] * GiB), description=description)
 
 
-def _on_mesh(sharding, mesh) -> bool:
-  return getattr(sharding, "mesh", None) is not None and \
-      set(sharding.device_set) == set(mesh.devices.flat)
+_SIZE = r"([0-9.]+)\s*([KMGT]i?B?|B)?"
+_UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 
-def _step_for_compile(trainer):
-  """trainer.step_fn and its abstract arguments, all on the trainer's mesh.
+def _to_bytes(number: str, unit: Optional[str]) -> int:
+  return int(float(number) * _UNITS[(unit or "")[:1]])
 
-  If some state shardings are not on the mesh (optimizer-state shardings read from an
-  unconstrained jit(tx.init) come back on the default CPU device), optimizer leaves take
-  their parameter's sharding and the rest are replicated, and the step is jitted again with
-  the same settings.
-  """
+
+def _per_device_bytes(tree) -> int:
+  """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard)."""
   import jax  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
-  from doremi_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from doremi_jax import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+    total += int(np.prod(shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+  return total
 
-  mesh = trainer.mesh
-  state_sh = trainer.state_shardings
-  if all(_on_mesh(s, mesh) for s in jax.tree.leaves(state_sh)):
-    return trainer.step_fn, trainer_lib.abstract_step_args(trainer)
-  repl = sharding_lib.replicated(mesh)
-  params = trainer.abstract_state.params
 
-  def like_param(leaf, param, param_sh):
-    return param_sh if getattr(leaf, "shape", None) == param.shape else repl
+def oom_report(message: str, args, donated, *, topology: str, family: str, num_devices: int,
+               mesh_shape: dict, step: str, description: str = "") -> Report:
+  """A not-fitting Report from the TPU compiler's RESOURCE_EXHAUSTED message.
 
-  opt_sh = optax.tree_map_params(trainer.tx, like_param, trainer.abstract_state.opt_state,
-                                 params, state_sh.params, transform_non_params=lambda _: repl)
-  fix = lambda s: s if _on_mesh(s, mesh) else repl
-  state_sh = jax.tree.map(fix, state_sh.replace(opt_state=opt_sh))
-  strip = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
-  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                jax.tree.map(strip, trainer.abstract_state), state_sh)
-  fn = trainer.step_fn.__wrapped__
-  if trainer.is_doremi:
-    in_sh = (state_sh, trainer.ref_shardings, trainer.batch_sharding)
-    args = (abstract_state, trainer.abstract_ref_params, trainer.abstract_batch)
-  else:
-    in_sh = (state_sh, trainer.batch_sharding)
-    args = (abstract_state, trainer.abstract_batch)
-  step = jax.jit(fn, in_shardings=in_sh, out_shardings=(state_sh, repl), donate_argnums=(0,))
-  return step, args
+  Arguments come from the abstract arguments' shards; temporaries (and the total, when the
+  message gives it) from the message.
+  """
+  message = " ".join(message.split())
+  args_b = _per_device_bytes(args)
+  donated_b = _per_device_bytes(donated)
+  temp_b = 0
+  m = re.search(r"temporaries\s*\(" + _SIZE + r"\)", message)
+  if m:
+    temp_b = _to_bytes(m.group(1), m.group(2))
+  m = re.search(r"Used\s+" + _SIZE + r"\s+of\s+" + _SIZE, message)
+  if m and not temp_b:
+    temp_b = max(_to_bytes(m.group(1), m.group(2)) - args_b, 0)
+  first = message.split(". ")[0].replace("RESOURCE_EXHAUSTED: ", "")
+  return Report(topology=topology, family=family, num_devices=num_devices, mesh_shape=mesh_shape,
+                step=step, argument_bytes=args_b, output_bytes=donated_b, alias_bytes=donated_b,
+                temp_bytes=temp_b, code_bytes=0, peak_bytes=0, flops_per_device=0.0,
+                hbm_bytes=int(CHIPS[family]["hbm_gib"] * GiB), description=description,
+                compiler_error=first[:300])
 
 
 def check_trainer(trainer, *, topology: str, family: str, which: str = "train",
@@ -241,12 +243,20 @@ def check_trainer(trainer, *, topology: str, family: str, which: str = "train",
     args = (trainer.abstract_state.params, trainer.abstract_batch)
     step = "eval step"
   else:
-    fn, args = _step_for_compile(trainer)
+    from doremi_jax import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+    fn, args = trainer.step_fn, trainer_lib.abstract_step_args(trainer)
     step = "proxy step (DoReMi, with reference)" if trainer.is_doremi else "train step"
-  compiled = fn.lower(*args).compile()
-  return analyze(compiled, topology=topology, family=family,
-                 num_devices=trainer.mesh.devices.size, mesh_shape=dict(trainer.mesh.shape),
-                 step=step, description=description)
+  where = dict(topology=topology, family=family, num_devices=trainer.mesh.devices.size,
+               mesh_shape=dict(trainer.mesh.shape), step=step, description=description)
+  lowered = fn.lower(*args)
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # pylint: disable=broad-except
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    donated = args[0] if which != "eval" else ()
+    return oom_report(str(e), args, donated, **where)
+  return analyze(compiled, **where)
 
 
 def _describe(trainer, batch: int, seq_len: int) -> str:
@@ -276,6 +286,39 @@ def check_config(*, topology: str, model_cfg, global_batch_size: int, seq_len: i
 
 # ------------------------------------------------------------------ command line
 
+_PILE_DOMAINS = 22
+
+
+def _is_set(value) -> bool:
+  return value is not None and type(value) is not object  # gin.REQUIRED is a bare object()
+
+
+def _num_domains(mixture, override: Optional[int]) -> tuple[int, str]:
+  if override:
+    return override, ""
+  if _is_set(mixture):
+    try:
+      from doremi_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+      return len(data_lib.domain_names(mixture)), ""
+    except Exception:  # pylint: disable=broad-except  # not registered on this host
+      pass
+  return _PILE_DOMAINS, f"; {_PILE_DOMAINS} domains assumed (--num_domains to change)"
+
+
+def _reference_config(doremi_cfg, model_cfg) -> tuple[Any, str]:
+  """The reference run's model (from its run info, when readable), else the proxy's."""
+  ref_dir = getattr(doremi_cfg, "reference_dir", None)
+  if _is_set(ref_dir):
+    try:
+      from doremi_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+      from doremi_jax.model import TransformerConfig  # pylint: disable=g-import-not-at-top
+      info = ckpt_lib.read_run_info(ref_dir)
+      if info:
+        return TransformerConfig(**info["model"]), ""
+    except Exception:  # pylint: disable=broad-except
+      pass
+  return model_cfg, "; reference assumed the size of the proxy"
+
 
 def _macro(name: str, default: Any = None) -> Any:
   import gin  # pylint: disable=g-import-not-at-top
@@ -285,55 +328,84 @@ def _macro(name: str, default: Any = None) -> Any:
     return default
 
 
-def check_from_gin(topology: Optional[str], which: str = "train") -> Report:
-  """Checks the run that the parsed gin config describes."""
-  from doremi_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+def check_from_gin(topology: Optional[str], which: str = "train",
+                   num_domains: Optional[int] = None) -> Report:
+  """Checks the run that the parsed gin config describes (the `train` bindings)."""
+  import gin  # pylint: disable=g-import-not-at-top
+  from doremi_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from doremi_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from doremi_jax import steps as steps_lib  # pylint: disable=g-import-not-at-top
+  from doremi_jax import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+  from doremi_jax import train as train_lib  # pylint: disable=g-import-not-at-top,unused-import
+  from doremi_jax.model import TransformerConfig  # pylint: disable=g-import-not-at-top
+
   topology = topology or _macro("TOPOLOGY")
   if not topology:
     raise TopologyError("no topology: pass --topology=v5e:4x4 (or a gin/hardware/*.gin file "
                         f"that sets TOPOLOGY). Examples: {', '.join(EXAMPLES)}.")
   canonical, family, _ = parse_topology(topology)
   devices, family = topology_devices(canonical)
-  mesh_shape = _macro("MESH_SHAPE")
-  trainer, batch, seq_len = train_lib.build_trainer_from_gin(devices=devices,
-                                                             mesh_shape=mesh_shape)
+
+  b = gin.get_bindings("doremi_jax.train.train")
+  lengths = b.get("task_feature_lengths")
+  if not _is_set(lengths):
+    raise ValueError("TASK_FEATURE_LENGTHS is not set; bind it, e.g. "
+                     "--gin.TASK_FEATURE_LENGTHS=\"{'targets': 1024}\".")
+  seq_len = config_lib.sequence_length(lengths)
+  batch = b.get("batch_size")
+  if not _is_set(batch):
+    raise ValueError("BATCH_SIZE is not set; bind it, e.g. --gin.BATCH_SIZE=512.")
+  if which == "eval" and _is_set(b.get("eval_batch_size")):
+    batch = b["eval_batch_size"]
+  total_steps = b.get("train_steps")
+  total_steps = total_steps if _is_set(total_steps) else 1000
+  mesh_shape = b.get("mesh_shape", (1, -1, 1))
+  doremi_cfg = b.get("doremi")
+  model_cfg = TransformerConfig()
+  k, note = _num_domains(b.get("mixture_or_task_name"), num_domains)
+  ref_cfg = None
+  if doremi_cfg is not None:
+    ref_cfg, ref_note = _reference_config(doremi_cfg, model_cfg)
+    note += ref_note
+  doremi_kw = {}
+  if doremi_cfg is not None:
+    doremi_kw = dict(eta=doremi_cfg.eta, smoothing=doremi_cfg.smoothing,
+                     objective=doremi_cfg.objective)
+  step_cfg = steps_lib.StepConfig(num_domains=k, accum_steps=b.get("accum_steps", 1),
+                                  z_loss=b.get("z_loss", 0.0), **doremi_kw)
+  mesh = sharding_lib.make_mesh(mesh_shape, devices=devices)
+  hosts = len({d.process_index for d in devices})
+  trainer = trainer_lib.build_trainer(model_cfg=model_cfg, mesh=mesh, global_batch_size=batch,
+                                      seq_len=seq_len, total_steps=total_steps,
+                                      step_cfg=step_cfg, ref_model_cfg=ref_cfg,
+                                      num_processes=hosts)
   return check_trainer(trainer, topology=canonical, family=family, which=which,
-                       description=_describe(trainer, batch, seq_len))
+                       description=_describe(trainer, batch, seq_len) + f", {hosts} host(s)"
+                       + note)
 
 
-def _parse_args(argv: Sequence[str]):
-  parser = argparse.ArgumentParser(
-      prog="python -m doremi_jax.compile_check",
-      description="Compile a run's step for a TPU topology on this host and report per-chip "
-                  "memory and FLOPs. Extra --gin.NAME=VALUE flags bind gin parameters.")
-  parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
-  parser.add_argument("--gin_search_paths", default="", help="comma-separated gin search paths")
+def _extra_flags(parser):
   parser.add_argument("--topology", default=None,
                       help="e.g. v5e:4x4, v4:2x2x4 or v5litepod-16 (default: gin TOPOLOGY)")
   parser.add_argument("--step", choices=("train", "eval"), default="train",
-                      help="train: the run's train or proxy step; eval: the eval step")
-  args, rest = parser.parse_known_args(argv)
-  bindings = []
-  for item in rest:
-    m = re.fullmatch(r"--gin\.([^=]+)=(.*)", item, re.S)
-    if not m:
-      parser.error(f"unrecognized argument {item!r} (gin bindings are --gin.NAME=VALUE)")
-    bindings.append(f"{m.group(1)} = {m.group(2)}")
-  return args, bindings
+                      help="train: the run's train or proxy step; eval: its eval step")
+  parser.add_argument("--num_domains", type=int, default=None,
+                      help="domains (default: the mixture's, when registered here; else 22)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  args, bindings = _parse_args(sys.argv[1:] if argv is None else argv)
-  import gin  # pylint: disable=g-import-not-at-top
-  for path in filter(None, args.gin_search_paths.split(",")):
-    gin.add_config_file_search_path(path)
-  gin.add_config_file_search_path(os.getcwd())
+  import logging  # pylint: disable=g-import-not-at-top
+  from doremi_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+  for handler in logging.getLogger().handlers:
+    handler.addFilter(lambda r: not str(r.msg).startswith("Path not found"))
+  args, bindings = config_lib.parse_flags(sys.argv[1:] if argv is None else argv, _extra_flags)
   try:
     if args.topology:
-      parse_topology(args.topology)  # fail fast, before parsing gin and importing models
-    gin.parse_config_files_and_bindings(args.gin_file, bindings)
-    report = check_from_gin(args.topology, which=args.step)
-  except TopologyError as e:
+      parse_topology(args.topology)  # fail fast, before parsing gin and building models
+    config_lib.parse_gin(args.gin_file, bindings, args.gin_search_paths)
+    report = check_from_gin(args.topology, which=args.step, num_domains=args.num_domains)
+  except ValueError as e:  # TopologyError included
     print(f"compile_check: error: {e}", file=sys.stderr)
     return 2
   print(report.format())
