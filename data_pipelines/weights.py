@@ -132,7 +132,13 @@ def natural_weights(domain_set_or_mixture: str, split: str = "train",
   With max_examples_per_domain, counts the first examples of each domain
   (a sample: proportions then reflect tokens per document, not domain size).
   """
-  counts = token_counts(domain_set_or_mixture, split, max_examples_per_domain)
+  set_name = core.get_domain_set(domain_set_or_mixture).name
+  cached = core._NATURAL.get(set_name)  # pylint: disable=protected-access
+  if split == "train" and not max_examples_per_domain and cached:
+    counts = dict(cached)  # From a packed cache or an earlier count.
+  else:
+    counts = token_counts(domain_set_or_mixture, split,
+                          max_examples_per_domain)
   epochs = {core.sanitize(k): float(v) for k, v in (epochs or {}).items()}
   validate_weights(epochs or {"_": 1.0}, domains=list(counts) + ["_"])
   return normalize({d: c * epochs.get(d, 1.0) for d, c in counts.items()})
