@@ -6,7 +6,8 @@
 # streams the output (and tees it to a local log file), and deletes the slice
 # when asked. Multi-host slices need nothing special: the command runs on
 # --worker=all and JAX initializes its distributed runtime from the TPU
-# environment. `--stage compile_check` runs locally (no slice, no gcloud).
+# environment (--multihost_tpu). `--stage compile_check` runs locally (no
+# slice, no gcloud).
 #
 # Example:
 #   launch/tpu_run.sh --name doremi-v5e16 --zone us-west4-a \
@@ -301,6 +302,10 @@ case "${STAGE}" in
   compile_check) module=doremi_jax.compile_check ;;
 esac
 py_args=(-m "${module}")
+if [[ "${STAGE}" != compile_check ]]; then
+  # JAX's distributed runtime from the TPU environment (all hosts of the slice).
+  py_args+=(--multihost_tpu)
+fi
 for f in "${GIN_FILES[@]}"; do
   py_args+=("--gin_file=${f}")
 done

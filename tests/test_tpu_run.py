@@ -79,7 +79,7 @@ def test_create_install_run(accel, runtime):
   install = ssh[0][ssh[0].index("--command") + 1]
   assert "tar -xzf" in install and "pip install" in install and "'.[tpu]'" in install
   _, args = _python_args(cmds)
-  assert args == ["-m", "doremi_jax.train", "--gin_file=gin/runs/doremi.gin",
+  assert args == ["-m", "doremi_jax.train", "--multihost_tpu", "--gin_file=gin/runs/doremi.gin",
                   "--gin_file=gin/models/280m.gin", "--gin.MODEL_DIR='gs://bucket/run1'",
                   "--gin.TRAIN_STEPS=100"]
   # Order: create, copy, install, run; no delete unless asked.
@@ -139,7 +139,7 @@ def test_stages(stage, module):
   cmds = _dry_run("--name", "s", "--zone", "z", "--accelerator-type", "v4-8",
                   "--stage", stage, "--gin_file", "gin/pipelines/pile_280m.gin")
   _, args = _python_args(cmds)
-  assert args == ["-m", module, "--gin_file=gin/pipelines/pile_280m.gin"]
+  assert args == ["-m", module, "--multihost_tpu", "--gin_file=gin/pipelines/pile_280m.gin"]
 
 
 def test_env_and_skip_install():
