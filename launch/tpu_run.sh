@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# Remote paths keep '~/' unexpanded here: the workers' shells expand it.
+# shellcheck disable=SC2088
 # Runs a doremi_jax stage or pipeline on a Cloud TPU VM slice (every worker).
 #
 # Creates the slice (or reuses it), installs the project on all workers, runs
@@ -18,8 +20,10 @@
 # Run with --help for all flags; docs/TPU.md walks through a first run.
 set -euo pipefail
 
-readonly SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-readonly REPO_ROOT="$(cd "${SCRIPT_DIR}/.." && pwd)"
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+readonly SCRIPT_DIR
+REPO_ROOT="$(cd "${SCRIPT_DIR}/.." && pwd)"
+readonly REPO_ROOT
 readonly REMOTE_DIR='~/doremi_jax'
 readonly REMOTE_VENV='~/doremi_venv'
 readonly REMOTE_TARBALL='~/doremi_jax_src.tar.gz'
@@ -450,6 +454,7 @@ install_code() {
 make_tarball() {
   local tarball="$1"
   if git -C "${REPO_ROOT}" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    # shellcheck disable=SC2016  # $f expands in the inner sh.
     (cd "${REPO_ROOT}" && git ls-files -z --cached --others --exclude-standard \
       | xargs -0 -r sh -c 'for f; do [ -e "$f" ] && printf "%s\0" "$f"; done' _ \
       | tar -czf "${tarball}" --null -T -)
@@ -466,8 +471,9 @@ run_stage() {
   for e in ${ENVS[@]+"${ENVS[@]}"}; do
     envs+="export $(shquote "${e}") && "
   done
-  local cmd="cd ${REMOTE_DIR} && ${envs}${REMOTE_VENV}/bin/python $(shjoin "${py_args[@]}")"
-  local logfile="${LOG_DIR}/${NAME}-${STAGE}-$(date +%Y%m%d-%H%M%S).log"
+  local cmd logfile
+  cmd="cd ${REMOTE_DIR} && ${envs}${REMOTE_VENV}/bin/python $(shjoin "${py_args[@]}")"
+  logfile="${LOG_DIR}/${NAME}-${STAGE}-$(date +%Y%m%d-%H%M%S).log"
   if [[ "${DRY_RUN}" == 1 ]]; then
     ssh_all "${cmd}"
     show "# output streamed to the terminal and to ${logfile}"
@@ -510,6 +516,7 @@ fi
 ensure_slice
 if [[ "${DELETE}" == 1 ]]; then
   # Delete even when install or run fails; keep the run's exit status.
+  # shellcheck disable=SC2154  # rc is set inside the trap.
   trap 'rc=$?; trap - EXIT; delete_slice || true; exit ${rc}' EXIT
 fi
 if [[ "${SKIP_INSTALL}" == 0 ]]; then
