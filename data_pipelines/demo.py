@@ -31,7 +31,11 @@ from data_pipelines import sources
 
 DOMAINS = ("code", "docs", "structured", "legal", "prose", "noise",
            "repetitive")
-VERSION = 1
+VERSION = 2
+# Domains differ in size, as real ones do, so that natural token proportions, uniform and
+# UniMax (epoch-capped) weights differ: each domain takes this fraction of the byte cap.
+SIZE_FRACTION = {"code": 1.0, "docs": 0.6, "structured": 0.5, "legal": 0.4, "prose": 0.25,
+                 "noise": 0.15, "repetitive": 0.1}
 _CONFIG = {"data_dir": None, "max_bytes_per_domain": 400_000,
            "val_fraction": 0.08, "seed": 0}
 _LOCK = threading.Lock()
@@ -197,7 +201,7 @@ def build_corpus(out_dir: Optional[str] = None) -> dict:
                 "config": dict(_CONFIG, data_dir=None), "domains": {}}
     for dom in DOMAINS:
       docs = _take(_domain_docs(dom, _CONFIG["seed"]),
-                   _CONFIG["max_bytes_per_domain"])
+                   int(SIZE_FRACTION[dom] * _CONFIG["max_bytes_per_domain"]))
       if not docs:
         raise ValueError(f"Demo domain {dom!r} produced no documents.")
       train, val = split_by_hash(docs, _CONFIG["val_fraction"])

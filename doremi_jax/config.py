@@ -172,10 +172,14 @@ def parse_gin(gin_files, bindings, search_paths: str = "") -> None:
 
 def run_main(fn, argv=None, extra=None):
   """Entry point shared by train/evaluate/pipeline: flags, distributed init, gin, fn()."""
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-  # gin probes include paths as Python packages first and logs each miss as an error.
+  # absl (imported by jax/tf) installs its own root handler at WARNING; replace it.
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                      force=True)
+  for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  # gin logs its file lookups on the root logger (each include path miss as an error).
   for handler in logging.getLogger().handlers:
-    handler.addFilter(lambda r: not str(r.msg).startswith("Path not found"))
+    handler.addFilter(lambda r: f"{os.sep}gin{os.sep}" not in r.pathname)
   args, bindings = parse_flags(sys.argv[1:] if argv is None else argv, extra)
   distributed.initialize_from_flags(args)
   parse_gin(args.gin_file, bindings, args.gin_search_paths)

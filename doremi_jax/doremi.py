@@ -33,7 +33,7 @@ def init_state(num_domains: int, initial_lambda: float = 0.0,
   k = num_domains
   alpha = (jnp.full((k,), 1.0 / k, jnp.float32) if initial_alpha_K is None
            else jnp.asarray(initial_alpha_K, jnp.float32))
-  return DoReMiState(alpha_K=alpha, avg_alpha_K=alpha,
+  return DoReMiState(alpha_K=alpha, avg_alpha_K=jnp.array(alpha),
                      lambda_K=jnp.full((k,), initial_lambda, jnp.float32),
                      num_updates=jnp.zeros((), jnp.int32))
 

@@ -44,14 +44,19 @@ class Evaluator:
   """Evaluates parameters on every validation sequence of every domain."""
 
   def __init__(self, trainer, mixture_or_task_name: str, seq_len: int, *, batch_size: int,
-               cache_dir: Optional[str] = None):
+               cache_dir: Optional[str] = None, max_sequences_per_domain: Optional[int] = None):
+    """max_sequences_per_domain: evaluate on the first N validation sequences of each
+    domain (a fixed subset, the same at every evaluation); None for all of them."""
     self.trainer = trainer
     self.domains = data_lib.domain_names(mixture_or_task_name)
     self.packed = data_lib.PackedDomains.build(mixture_or_task_name, "validation", seq_len,
                                                cache_dir=cache_dir)
-    if batch_size != trainer.abstract_batch["targets"].shape[0]:
-      raise ValueError(f"eval batch size {batch_size} must equal the compiled batch size "
-                       f"{trainer.abstract_batch['targets'].shape[0]}.")
+    if max_sequences_per_domain:
+      self.packed = data_lib.PackedDomains(
+          self.packed.names,
+          {pool: {k: v[:max_sequences_per_domain] for k, v in arrays.items()}
+           for pool, arrays in self.packed.arrays.items()},
+          split="validation", sequence_length=seq_len)
     self.batch_size = batch_size
 
   def evaluate(self, params) -> dict:
@@ -86,7 +91,7 @@ def read_history(model_dir: str) -> list[dict]:
 
 
 @gin.configurable
-def evaluate(model_dir: str = gin.REQUIRED, *, batch_size: int = 8, mesh_shape=(1, -1, 1),
+def evaluate(model_dir: str = gin.REQUIRED, *, batch_size: int = 16, mesh_shape=(1, -1, 1),
              mixture_or_task_name: Optional[str] = None,
              task_feature_lengths: Optional[Mapping[str, int]] = None,
              cache_dir: Optional[str] = None, step: Optional[int] = None) -> dict:

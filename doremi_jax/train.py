@@ -80,7 +80,8 @@ def train(model_dir: str = gin.REQUIRED, *, mixture_or_task_name: str = gin.REQU
           batch_size: int = gin.REQUIRED, random_seed: int = 0, mesh_shape=(1, -1, 1),
           sampling="mixture", accum_steps: int = 1, z_loss: float = 0.0, log_every: int = 10,
           checkpoint_every: int = 100, keep_checkpoints: int = 2, eval_every: int = 0,
-          eval_batch_size: Optional[int] = None, doremi: Optional[DoReMiConfig] = None,
+          eval_batch_size: Optional[int] = None, eval_max_sequences: Optional[int] = None,
+          doremi: Optional[DoReMiConfig] = None,
           cache_dir: Optional[str] = None, pack_across_domains: bool = False,
           stop_after_steps: Optional[int] = None) -> dict:
   """Trains to `train_steps` (resuming from MODEL_DIR) and returns the last metrics.
@@ -123,7 +124,8 @@ def train(model_dir: str = gin.REQUIRED, *, mixture_or_task_name: str = gin.REQU
   evaluator = None
   if eval_every:
     evaluator = eval_lib.Evaluator(trainer, mixture_or_task_name, seq_len,
-                                   batch_size=eval_batch_size or batch_size, cache_dir=cache_dir)
+                                   batch_size=eval_batch_size or batch_size, cache_dir=cache_dir,
+                                   max_sequences_per_domain=eval_max_sequences)
 
   ckpt = ckpt_lib.Checkpointer(model_dir, save_every=checkpoint_every, keep=keep_checkpoints)
   start = ckpt.latest_step()
@@ -172,9 +174,13 @@ def train(model_dir: str = gin.REQUIRED, *, mixture_or_task_name: str = gin.REQU
       if trajectory is not None:
         trajectory.flush()
       progress.update(step, last["loss"], last["tokens_per_second"])
+      if not progress.enabled and jax.process_index() == 0:
+        logging.info("step %d/%d loss %.4f  %.0f tokens/s", step, train_steps, last["loss"],
+                     last["tokens_per_second"])
     if evaluator is not None and (step % eval_every == 0 or step == train_steps):
       evaluator.run(state.params, step, model_dir)
-    ckpt.save(step, state, batches.get_state(), force=stopping or step == end)
+    if step % checkpoint_every == 0 or stopping or step == end:
+      ckpt.save(step, state, batches.get_state(), force=True)
     if stopping:
       logging.warning("preempted: checkpoint saved at step %d; exiting.", step)
       break

@@ -85,8 +85,9 @@ class Trainer:
     """Global jax arrays from this host's numpy slice of the batch."""
     out = {}
     for key, spec in self.abstract_batch.items():
-      out[key] = jax.make_array_from_process_local_data(
-          self.batch_sharding, np.asarray(host_batch[key], spec.dtype), spec.shape)
+      local = np.asarray(host_batch[key], spec.dtype)
+      global_shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
+      out[key] = jax.make_array_from_process_local_data(self.batch_sharding, local, global_shape)
     return out
 
 

@@ -1,0 +1,190 @@
+r"""The whole DoReMi study from one gin file.
+
+  python -m doremi_jax.pipeline --gin_file=gin/pipelines/demo_cpu.gin
+
+reference -> DoReMi proxy (iterated rounds) -> main models on the DoReMi weights and on
+each baseline (natural token proportions, uniform, UniMax) at equal compute -> per-domain
+evaluation -> PIPELINE_DIR/report.md, summary.json and plots.
+
+Every stage is `train.train` inside a gin scope: `reference/`, `proxy/` and `main/`
+bindings (model size, steps, batch) override the unscoped ones for that stage. A stage
+whose MODEL_DIR already holds a finished run is skipped; an unfinished one resumes, so
+rerunning the same command after a preemption continues the study.
+"""
+
+if __name__ == "__main__":
+  # Under `python -m`, this file runs as __main__; run the importable module instead so
+  # that gin registers its configurables once, under doremi_jax.pipeline.
+  from doremi_jax import pipeline as _module  # pylint: disable=g-import-not-at-top
+  _module.main()
+  raise SystemExit(0)
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import json
+import logging
+import os
+import time
+from typing import Optional, Sequence
+
+import gin
+import jax
+
+from doremi_jax import checkpoint as ckpt_lib
+from doremi_jax import config as config_lib
+from doremi_jax import data as data_lib
+from doremi_jax import evaluate as eval_lib
+from doremi_jax import report as report_lib
+from doremi_jax import train as train_lib
+
+BASELINES = ("natural", "uniform", "unimax")
+
+
+def _scoped_train(scope: str, model_dir: str, mixture: str, **overrides) -> dict:
+  """Runs (or resumes, or skips if finished) one stage in its gin scope."""
+  with gin.config_scope(scope):
+    t0 = time.time()
+    result = train_lib.train(model_dir, mixture_or_task_name=mixture, **overrides)
+    logging.info("[%s] %s finished at step %s in %.0fs", scope, model_dir, result["step"],
+                 time.time() - t0)
+    return result
+
+
+def _read_json(path: str) -> dict:
+  with open(path) as f:
+    return json.load(f)
+
+
+def _register(weights: dict, name: str, domain_set: str) -> str:
+  from data_pipelines import weights as weights_lib
+  weights_lib.register_mixture_from_weights(weights, name, domain_set=domain_set)
+  return name
+
+
+def _trajectory(model_dir: str) -> dict:
+  rows = config_lib.read_trajectory(model_dir)
+  return {"steps": [r["step"] for r in rows],
+          "domain_weights": [r["domain_weights"] for r in rows],
+          "avg_domain_weights": [r["avg_domain_weights"] for r in rows]}
+
+
+def _baseline_weights(name: str, domain_set: str, natural: dict, *, main_tokens: int,
+                      unimax_max_epochs: float, seq_len: int) -> dict:
+  from data_pipelines import weights as weights_lib
+  if name == "natural":
+    return natural
+  if name == "uniform":
+    return weights_lib.uniform_weights(list(natural))
+  if name == "unimax":
+    packed = data_lib.PackedDomains.build(domain_set, "train", seq_len)
+    counts = {d: packed.num_tokens[d] for d in packed.names}
+    return weights_lib.unimax_weights(counts, main_tokens, unimax_max_epochs)
+  raise ValueError(f"unknown baseline {name!r}: use some of {BASELINES}.")
+
+
+@gin.configurable
+def pipeline(pipeline_dir: str = gin.REQUIRED, *, domain_set: str = gin.REQUIRED,
+             reference_weights: str = "natural", max_rounds: int = 1,
+             convergence_tol: float = 1e-3, baselines: Sequence[str] = BASELINES,
+             unimax_max_epochs: float = 1.0, name: Optional[str] = None,
+             main_steps: int = gin.REQUIRED, main_batch_size: int = gin.REQUIRED,
+             sequence_length: int = gin.REQUIRED) -> dict:
+  """Runs the study; returns the report's summary.
+
+  reference_weights: "natural" or "uniform" (round 1's reference mixture), or a weights file.
+  max_rounds: iterated DoReMi; round r+1's reference trains on round r's output, stopping
+    early when max_i |avg_i - ref_i| < convergence_tol.
+  main_steps / main_batch_size / sequence_length: the main runs' shared (equal) compute.
+  """
+  from data_pipelines import weights as weights_lib
+  unknown = [b for b in baselines if b not in BASELINES]
+  if unknown:
+    raise ValueError(f"pipeline.baselines has unknown {unknown}: use some of {BASELINES}.")
+  if max_rounds < 1:
+    raise ValueError(f"pipeline.max_rounds={max_rounds}: at least one DoReMi round.")
+  domains = data_lib.domain_names(domain_set)
+  natural = weights_lib.natural_weights(domain_set)
+  if reference_weights == "natural":
+    ref_w = natural
+  elif reference_weights == "uniform":
+    ref_w = weights_lib.uniform_weights(domains)
+  else:
+    ref_w = weights_lib.read_weights(reference_weights, domains=domains)
+  lengths = {"targets": sequence_length}
+  uniform_mixture = _register(weights_lib.uniform_weights(domains), f"{domain_set}_proxy",
+                              domain_set)
+
+  rounds, converged, out_w = [], False, None
+  for r in range(1, max_rounds + 1):
+    ref_dir = os.path.join(pipeline_dir, f"round{r}", "reference")
+    proxy_dir = os.path.join(pipeline_dir, f"round{r}", "doremi")
+    ref_mixture = _register(ref_w, f"{domain_set}_reference_r{r}", domain_set)
+    _scoped_train("reference", ref_dir, ref_mixture, task_feature_lengths=lengths)
+    doremi_cfg = _scoped_doremi(ref_dir)
+    _scoped_train("proxy", proxy_dir, uniform_mixture, task_feature_lengths=lengths,
+                  doremi=doremi_cfg)
+    out = _read_json(os.path.join(proxy_dir, "domain_weights.json"))
+    out_w = out["domains"]
+    change = max(abs(out_w[d] - ref_w[d]) for d in domains)
+    rounds.append({"round": r, "reference_weights": ref_w, "output_weights": out_w,
+                   "trajectory": _trajectory(proxy_dir), "max_abs_change": change})
+    logging.info("DoReMi round %d: max |avg - ref| = %.4g", r, change)
+    if change < convergence_tol:
+      converged = True
+      break
+    ref_w = out_w
+  weights_lib.write_weights(os.path.join(pipeline_dir, "domain_weights.json"), out_w,
+                            mixture=domain_set, rounds=len(rounds), converged=converged)
+
+  main_tokens = main_steps * main_batch_size * sequence_length
+  mains = {"doremi": out_w}
+  for b in baselines:
+    mains[b] = _baseline_weights(b, domain_set, natural, main_tokens=main_tokens,
+                                 unimax_max_epochs=unimax_max_epochs, seq_len=sequence_length)
+  results = {}
+  for run, weights in mains.items():
+    mixture = _register(weights, f"{domain_set}_main_{run}", domain_set)
+    main_dir = os.path.join(pipeline_dir, "main", run)
+    _scoped_train("main", main_dir, mixture, task_feature_lengths=lengths,
+                  train_steps=main_steps, batch_size=main_batch_size)
+    results[run] = {"weights": weights, "evals": eval_lib.read_history(main_dir)}
+
+  study = {"name": name or os.path.basename(os.path.normpath(pipeline_dir)),
+           "mixture": domain_set, "domains": domains, "rounds": rounds,
+           "converged": converged, "mains": results,
+           "config": _study_config(pipeline_dir, reference_weights, max_rounds),
+           "equal_compute": {"train_steps": main_steps, "batch_size": main_batch_size,
+                             "seq_len": sequence_length, "tokens": main_tokens}}
+  summary = None
+  if jax.process_index() == 0:
+    ckpt_lib.write_json(os.path.join(pipeline_dir, "study.json"), study)
+    summary = report_lib.write_report(study, pipeline_dir)
+    logging.info("report: %s", os.path.join(pipeline_dir, "report.md"))
+  return summary
+
+
+def _scoped_doremi(reference_dir: str):
+  with gin.config_scope("proxy"):
+    return train_lib.DoReMiConfig(reference_dir=reference_dir)
+
+
+def _study_config(pipeline_dir: str, reference_weights: str, max_rounds: int) -> dict:
+  cfg = {"reference_weights": reference_weights, "max_rounds": max_rounds}
+  for stage in ("reference", "doremi", "main"):
+    path = os.path.join(pipeline_dir, "round1" if stage != "main" else "main",
+                        stage if stage != "main" else "doremi", ckpt_lib.RUN_INFO)
+    if os.path.exists(path):
+      info = _read_json(path)
+      m = info["model"]
+      cfg[f"{stage}_model"] = (f"d{m['emb_dim']} L{m['num_layers']} H{m['num_heads']} "
+                               f"ff{m['mlp_dim']} ({info['num_params']:,} params)")
+      cfg["vocabulary"] = f"{info['vocabulary']['type']} ({info['vocabulary']['vocab_size']})"
+  dw = os.path.join(pipeline_dir, "round1", "doremi", "domain_weights.json")
+  if os.path.exists(dw):
+    meta = _read_json(dw)
+    cfg.update(eta=meta["eta"], c=meta["c"], objective=meta["objective"],
+               proxy_steps=meta["steps"])
+  return cfg
+
+
+def main(argv=None):
+  config_lib.run_main(pipeline, argv)
