@@ -16,6 +16,7 @@ import os
 from typing import Optional
 
 from data_pipelines import core
+from data_pipelines import vocab
 from data_pipelines import layouts
 from data_pipelines import weights
 
@@ -51,7 +52,9 @@ def _register_from_env() -> Optional[core.DomainSet]:
     logging.info("data_pipelines.pile: set DOREMI_JAX_PILE_DIR or call "
                  "pile.register(data_dir) to register the Pile tasks.")
     return None
-  return register(data_dir)
+  # A SentencePiece model (local or gs://) for real runs; bytes when unset.
+  spm = os.environ.get("DOREMI_JAX_PILE_SPM")
+  return register(data_dir, vocabulary=vocab.get_vocabulary(spm) if spm else None)
 
 
 _register_from_env()

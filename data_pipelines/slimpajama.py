@@ -10,6 +10,7 @@ import os
 from typing import Optional
 
 from data_pipelines import core
+from data_pipelines import vocab
 from data_pipelines import layouts
 
 SET_NAMES = ("RedPajamaCommonCrawl", "RedPajamaC4", "RedPajamaGithub",
@@ -40,7 +41,9 @@ def _register_from_env() -> Optional[core.DomainSet]:
     logging.info("data_pipelines.slimpajama: set DOREMI_JAX_SLIMPAJAMA_DIR or "
                  "call slimpajama.register(data_dir).")
     return None
-  return register(data_dir)
+  # A SentencePiece model (local or gs://) for real runs; bytes when unset.
+  spm = os.environ.get("DOREMI_JAX_SLIMPAJAMA_SPM")
+  return register(data_dir, vocabulary=vocab.get_vocabulary(spm) if spm else None)
 
 
 _register_from_env()

@@ -102,7 +102,9 @@ def pipeline(pipeline_dir: str = gin.REQUIRED, *, domain_set: str = gin.REQUIRED
   if max_rounds < 1:
     raise ValueError(f"pipeline.max_rounds={max_rounds}: at least one DoReMi round.")
   domains = data_lib.domain_names(domain_set)
-  natural = weights_lib.natural_weights(domain_set)
+  # `{set}_natural`: token proportions of the set, or published ones (the Pile's baseline).
+  from data_pipelines import core
+  natural = core.mixture_rates(f"{domain_set}_natural")
   if reference_weights == "natural":
     ref_w = natural
   elif reference_weights == "uniform":

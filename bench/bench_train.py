@@ -1,0 +1,129 @@
+r"""Train-step, proxy-step and input throughput, measured side by side in one run.
+
+  python bench/bench_train.py [--steps=20] [--models=tiny,20m] [--quick]
+
+Prints, for each model (one device, float32):
+  * train_step tokens/s and achieved model FLOP/s as a fraction of the FLOP/s of a large
+    float32 matmul measured in the same run (a CPU "MFU");
+  * proxy_step (DoReMi, reference of the same size) time over train_step time
+    (the limit is about 4/3: one extra forward pass; the target is <= 1.4);
+and the input pipeline's tokens/s next to the tiny model's consumption (target >= 5x).
+Figures are medians over repeated timed windows; the machine may be shared and noisy.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+
+from doremi_jax import sharding, steps, trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+from doremi_jax.model import TransformerConfig  # pylint: disable=g-import-not-at-top
+
+MODELS = {
+    # name: (config, batch, seq_len)
+    "tiny": (TransformerConfig(vocab_size=259, emb_dim=64, num_heads=2, head_dim=32,
+                               num_layers=2, mlp_dim=256, max_len=2048), 16, 128),
+    "20m": (TransformerConfig(vocab_size=32000, emb_dim=384, num_heads=6, head_dim=64,
+                              num_layers=8, mlp_dim=1536, max_len=2048), 8, 256),
+}
+
+
+def matmul_flops_per_second(n: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of a jitted n x n float32 matmul (the machine's practical peak)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return 2 * n ** 3 / statistics.median(times)
+
+
+def random_batch(rng, batch: int, seq_len: int, vocab: int, num_domains: int):
+  """Fully packed rows (one example each): every token counts."""
+  targets = rng.integers(3, vocab, size=(batch, seq_len), dtype=np.int32)
+  inputs = np.concatenate([np.zeros((batch, 1), np.int32), targets[:, :-1]], axis=1)
+  domain = (np.arange(batch) % num_domains + 1).astype(np.int32)
+  return {"inputs": inputs, "targets": targets,
+          "loss_mask": np.ones((batch, seq_len), np.float32),
+          "segment_ids": np.ones((batch, seq_len), np.int32),
+          "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)),
+          "domain_ids": np.broadcast_to(domain[:, None], (batch, seq_len)).astype(np.int32)}
+
+
+def time_steps(cfg, batch: int, seq_len: int, n_steps: int, *, doremi: bool,
+               windows: int = 3) -> float:
+  """Median seconds per step (after compilation) of train_step or proxy_step."""
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  k = 7
+  tr = trainer_lib.build_trainer(model_cfg=cfg, mesh=mesh, global_batch_size=batch,
+                                 seq_len=seq_len, total_steps=1000,
+                                 step_cfg=steps.StepConfig(num_domains=k),
+                                 ref_model_cfg=cfg if doremi else None)
+  state = tr.init_fn(jax.random.key(0))
+  ref = tr.init_fn(jax.random.key(1)).params if doremi else None
+  b = tr.make_batch(random_batch(np.random.default_rng(0), batch, seq_len, cfg.vocab_size, k))
+  for _ in range(2):  # compile + warm
+    state, m = tr.step_fn(*trainer_lib.step_args(tr, state, b, ref))
+  jax.block_until_ready(m)
+  per_step = []
+  for _ in range(windows):
+    t = time.perf_counter()
+    for _ in range(n_steps):
+      state, m = tr.step_fn(*trainer_lib.step_args(tr, state, b, ref))
+    jax.block_until_ready(m)
+    per_step.append((time.perf_counter() - t) / n_steps)
+  return statistics.median(per_step)
+
+
+def input_tokens_per_second(seq_len: int, batch: int) -> float:
+  import data_pipelines.demo  # pylint: disable=g-import-not-at-top,unused-import
+  from bench_input import measure_input_tokens_per_second  # pylint: disable=g-import-not-at-top
+  from doremi_jax import data  # pylint: disable=g-import-not-at-top
+  packed = data.PackedDomains.build("demo_natural", "train", seq_len)
+  return measure_input_tokens_per_second(packed, batch, steps=200, sampling="mixture")
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--steps", type=int, default=20, help="steps per timed window")
+  p.add_argument("--models", default="tiny,20m")
+  p.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
+  args = p.parse_args(argv)
+  n = 3 if args.quick else args.steps
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({len(jax.devices())} device(s) "
+        f"visible, 1 used), {os.cpu_count()} CPU cores")
+  peak = matmul_flops_per_second()
+  print(f"float32 2048x2048 matmul: {peak / 1e9:,.1f} GFLOP/s (reference peak)\n")
+  print(f"{'model':<6} {'params':>11} {'B x L':>9} {'train tok/s':>12} {'model GFLOP/s':>14} "
+        f"{'MFU':>6} {'proxy/train':>12}")
+  tiny_tps = None
+  for name in args.models.split(","):
+    cfg, batch, seq_len = MODELS[name]
+    t_train = time_steps(cfg, batch, seq_len, n, doremi=False)
+    t_proxy = time_steps(cfg, batch, seq_len, n, doremi=True)
+    tps = batch * seq_len / t_train
+    flops = cfg.flops_per_token(seq_len) * tps
+    if name == "tiny":
+      tiny_tps = tps
+    print(f"{name:<6} {cfg.num_params():>11,} {batch:>4}x{seq_len:<4} {tps:>12,.0f} "
+          f"{flops / 1e9:>14,.2f} {flops / peak:>6.1%} {t_proxy / t_train:>12.3f}")
+  if tiny_tps is not None:
+    cfg, batch, seq_len = MODELS["tiny"]
+    in_tps = input_tokens_per_second(seq_len, batch)
+    print(f"\ninput pipeline (demo_natural, B={batch}, L={seq_len}): {in_tps:,.0f} tokens/s = "
+          f"{in_tps / tiny_tps:,.1f}x the tiny model's train-step consumption "
+          f"({tiny_tps:,.0f} tokens/s; target >= 5x)")
+
+
+if __name__ == "__main__":
+  main()
