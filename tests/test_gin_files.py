@@ -1,0 +1,221 @@
+"""Every gin file in gin/ parses with its includes and builds a trainer (abstractly: nothing
+is initialized or compiled) through doremi_jax.train.train, as a run would."""
+import glob
+import os
+import sys
+
+import gin
+import jax
+import pytest
+
+# Another process (a parallel test run) may hold libtpu's lock; topologies need no TPU.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+from doremi_jax import checkpoint as ckpt_lib  # noqa: E402
+from doremi_jax import compile_check  # noqa: E402
+from doremi_jax import config as config_lib  # noqa: E402
+from doremi_jax import data as data_lib  # noqa: E402
+from doremi_jax import sharding as sharding_lib  # noqa: E402
+from doremi_jax import train as train_lib  # noqa: E402
+from doremi_jax.model import TransformerConfig  # noqa: E402
+
+GIN = os.path.join(ROOT, "gin")
+SEQ = "{'targets': 32}"
+
+
+def _files(kind):
+  return sorted(os.path.relpath(p, GIN) for p in glob.glob(os.path.join(GIN, kind, "*.gin")))
+
+
+def test_every_gin_file_is_covered():
+  covered = set(_files("runs") + _files("models") + _files("mixtures") + _files("hardware") +
+                _files("pipelines"))
+  everything = {os.path.relpath(p, GIN)
+                for p in glob.glob(os.path.join(GIN, "**", "*.gin"), recursive=True)}
+  assert everything == covered and len(covered) > 20
+
+
+class _Built(Exception):
+  pass
+
+
+@pytest.fixture
+def capture(monkeypatch):
+  """train() up to build_trainer (real, abstract), then stop: kwargs and trainer."""
+  built = {}
+  real = train_lib.build_trainer
+
+  def fake(**kwargs):
+    built.update(kwargs, trainer=real(**kwargs))
+    raise _Built()
+  monkeypatch.setattr(train_lib, "build_trainer", fake)
+  yield built
+  gin.clear_config()
+
+
+def _parse(files, bindings=()):
+  gin.clear_config()
+  config_lib.parse_gin(list(files), list(bindings))
+
+
+def _reference_dir(tmp_path, model_cfg=None, mixture="demo_natural"):
+  """A directory that looks like a finished reference run to DoReMi's checks."""
+  ref = str(tmp_path / "ref")
+  info = config_lib.run_info(model_cfg or TransformerConfig(), mixture,
+                             data_lib.domain_names(mixture), 32, kind="train")
+  ckpt_lib.write_json(os.path.join(ref, ckpt_lib.RUN_INFO), info)
+  return ref
+
+
+def _build(**kwargs):
+  with pytest.raises(_Built):
+    train_lib.train(**kwargs)
+
+
+@pytest.mark.parametrize("run", _files("runs"))
+def test_run_files_build(run, capture, tmp_path):
+  if run == "runs/eval.gin":
+    _parse([run], [f"MODEL_DIR='{tmp_path}'"])
+    assert gin.query_parameter("evaluate.model_dir") is not None
+    assert gin.query_parameter("evaluate.batch_size") == 16
+    return
+  bindings = [f"MODEL_DIR='{tmp_path / 'run'}'", "TRAIN_STEPS=3", f"TASK_FEATURE_LENGTHS={SEQ}"]
+  if run == "runs/doremi.gin":
+    gin.clear_config()  # the reference's run_info is built from the tiny config
+    config_lib.parse_gin(["models/tiny.gin"], [])
+    bindings.append(f"REFERENCE_DIR='{_reference_dir(tmp_path)}'")
+  if run == "runs/base.gin":
+    bindings.append("MIXTURE_OR_TASK_NAME='demo_natural'")
+  _parse([run, "models/tiny.gin", "mixtures/demo.gin"], bindings)
+  _build()
+  assert capture["global_batch_size"] == 16 and capture["total_steps"] == 3
+  trainer = capture["trainer"]
+  assert trainer.is_doremi == (run == "runs/doremi.gin")
+  assert not os.path.exists(tmp_path / "run")  # nothing written before the build
+
+
+def test_one_reference_step_from_gin(tmp_path):
+  """The run files really train (one step) on the tiny model."""
+  _parse(["runs/reference.gin", "models/tiny.gin", "mixtures/demo.gin"],
+         [f"MODEL_DIR='{tmp_path}'", "TRAIN_STEPS=1", f"TASK_FEATURE_LENGTHS={SEQ}",
+          "BATCH_SIZE=8", "train.log_every=1"])
+  try:
+    out = train_lib.train()
+  finally:
+    gin.clear_config()
+  assert out["step"] == 1 and out["loss"] > 0
+  assert os.path.exists(tmp_path / "config.gin")
+
+
+# Abstract build of the paper sizes at their real dimensions (eval_shape only); the largest
+# get tiny dimensions, as their abstract trace alone takes seconds.
+_TINY_DIMS = ["TransformerConfig.emb_dim=64", "TransformerConfig.num_layers=2",
+              "TransformerConfig.num_heads=2", "TransformerConfig.head_dim=32",
+              "TransformerConfig.mlp_dim=128", "TransformerConfig.vocab_size=512"]
+
+
+@pytest.mark.parametrize("model", _files("models"))
+def test_model_files_build(model, capture, tmp_path):
+  name = os.path.basename(model)[:-4]
+  _parse(["runs/reference.gin", model, "mixtures/demo.gin"],
+         [f"MODEL_DIR='{tmp_path / 'run'}'", "TRAIN_STEPS=3", f"TASK_FEATURE_LENGTHS={SEQ}"])
+  full = TransformerConfig()
+  assert full.num_params() > 0
+  if name in ("tiny", "small", "20m"):
+    expect = full
+  else:
+    _parse(["runs/reference.gin", model, "mixtures/demo.gin"],
+           [f"MODEL_DIR='{tmp_path / 'run'}'", "TRAIN_STEPS=3", f"TASK_FEATURE_LENGTHS={SEQ}",
+            *_TINY_DIMS])
+    expect = TransformerConfig()
+    # Everything but the dimensions comes from the model file.
+    for key in ("dtype", "remat", "max_len"):
+      if hasattr(full, key):
+        assert getattr(expect, key) == getattr(full, key)
+  _build()
+  assert capture["model_cfg"] == expect
+  n = sum(x.size for x in jax.tree.leaves(capture["trainer"].abstract_state.params))
+  assert n == expect.num_params()
+
+
+def test_paper_sizes_in_model_files():
+  """Table 9 of the paper: d_model, layers, heads, ff."""
+  table = {"70m": (256, 3, 4, 1024), "150m": (512, 6, 8, 2048), "280m": (768, 12, 12, 3072),
+           "510m": (1024, 12, 16, 8192), "760m": (1280, 12, 20, 8192),
+           "1b": (2048, 16, 32, 8192), "8b": (4096, 32, 32, 24576)}
+  for name, dims in table.items():
+    _parse([f"models/{name}.gin"])
+    cfg = TransformerConfig()
+    assert (cfg.emb_dim, cfg.num_layers, cfg.num_heads, cfg.mlp_dim) == dims, name
+  _parse(["models/8b.gin"])
+  assert TransformerConfig().head_dim == 128
+  gin.clear_config()
+
+
+@pytest.mark.parametrize("mixture", _files("mixtures"))
+def test_mixture_files_parse(mixture, tmp_path):
+  _parse(["runs/reference.gin", mixture, "models/tiny.gin"],
+         [f"MODEL_DIR='{tmp_path}'", "TRAIN_STEPS=3"])
+  name = gin.query_parameter("MIXTURE_OR_TASK_NAME/macro.value")
+  length = config_lib.sequence_length(gin.query_parameter("TASK_FEATURE_LENGTHS/macro.value"))
+  assert isinstance(name, str) and length > 1
+  if name.startswith("demo"):
+    assert len(data_lib.domain_names(name)) == 7
+  gin.clear_config()
+
+
+@pytest.mark.parametrize("hardware", _files("hardware"))
+def test_hardware_files(hardware, capture, tmp_path):
+  _parse(["runs/reference.gin", "models/tiny.gin", "mixtures/demo.gin", hardware],
+         [f"MODEL_DIR='{tmp_path / 'run'}'", "TRAIN_STEPS=3", f"TASK_FEATURE_LENGTHS={SEQ}"])
+  mesh_shape = tuple(gin.query_parameter("MESH_SHAPE/macro.value"))
+  assert len(mesh_shape) == 3
+  try:
+    topology = gin.query_parameter("TOPOLOGY/macro.value")
+  except ValueError:
+    topology = None
+  if topology is None:  # CPU: the mesh must fit the 8 test devices or one device
+    devices = jax.devices() if hardware == "hardware/cpu8.gin" else jax.devices()[:1]
+    mesh = sharding_lib.make_mesh(mesh_shape, devices=devices)
+    if len(devices) == 8:
+      _build()
+      assert dict(capture["mesh"].shape) == dict(mesh.shape)
+  else:  # a TPU slice: the mesh fills the topology's chips (libtpu, no TPU needed)
+    devices, _ = compile_check.topology_devices(topology)
+    mesh = sharding_lib.make_mesh(mesh_shape, devices=devices)
+    assert mesh.size == len(devices)
+
+
+def test_pipeline_scopes_resolve(capture, tmp_path, monkeypatch):
+  # The demo pipeline runs on one CPU device (MESH_SHAPE = (1, 1, 1)).
+  real_make_mesh = sharding_lib.make_mesh
+  monkeypatch.setattr(sharding_lib, "make_mesh",
+                      lambda shape, devices=None: real_make_mesh(shape, jax.devices()[:1]))
+  _parse(["pipelines/demo_cpu.gin"], [f"PIPELINE_DIR='{tmp_path}'", "SEQ_LEN=32",
+                                       f"TASK_FEATURE_LENGTHS={SEQ}"])
+  assert gin.query_parameter("pipeline.pipeline_dir") is not None
+  seen = {}
+  for scope in ("reference", "proxy", "main"):
+    capture.clear()
+    with gin.config_scope(scope):
+      kwargs = {}
+      if scope == "proxy":
+        kwargs["doremi"] = train_lib.DoReMiConfig(reference_dir=_reference_dir(tmp_path))
+      if scope == "main":  # the pipeline passes the main run's length and batch itself
+        kwargs.update(train_steps=gin.query_parameter("pipeline.main_steps"),
+                      batch_size=gin.query_parameter("pipeline.main_batch_size"))
+      _build(model_dir=str(tmp_path / scope), mixture_or_task_name="demo_natural",
+             **kwargs)
+    seen[scope] = (capture["model_cfg"], capture["global_batch_size"], capture["total_steps"])
+  for scope in ("reference", "proxy"):
+    assert seen[scope][1:] == (gin.query_parameter(f"{scope}/train.batch_size"),
+                               gin.query_parameter(f"{scope}/train.train_steps"))
+  assert seen["proxy"][1] == 14
+  assert seen["main"][0].emb_dim == gin.query_parameter("main/TransformerConfig.emb_dim")
+  assert seen["main"][0].emb_dim != seen["reference"][0].emb_dim
+  assert seen["reference"][0].emb_dim == 64  # tiny outside the main scope
+  with gin.config_scope("proxy"):
+    assert train_lib.DoReMiConfig().eta == 1.0

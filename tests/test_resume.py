@@ -1,0 +1,168 @@
+"""Resume: a run stopped any way (kill -9, SIGTERM, stop_after_steps) and started again with
+the same command continues exactly as if never stopped (bit for bit on CPU)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 80
+COMMON = ["--gin_file=gin/models/tiny.gin", "--gin_file=gin/mixtures/demo.gin",
+          "--gin.TASK_FEATURE_LENGTHS={'targets': 32}", "--gin.BATCH_SIZE=16",
+          "--gin.train.log_every=1", "--gin.train.checkpoint_every=5"]
+
+
+def _env():
+  env = {k: v for k, v in os.environ.items() if not k.startswith("DOREMI_")}
+  env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  return env
+
+
+def _cmd(model_dir, steps=STEPS, reference=None, extra=()):
+  run = (["--gin_file=gin/runs/doremi.gin", f"--gin.REFERENCE_DIR='{reference}'"]
+         if reference else ["--gin_file=gin/runs/reference.gin"])
+  return [sys.executable, "-m", "doremi_jax.train", *run, *COMMON,
+          f"--gin.MODEL_DIR='{model_dir}'", f"--gin.TRAIN_STEPS={steps}", *extra]
+
+
+def _run(cmd):
+  proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return proc
+
+
+def _start(cmd, log):
+  return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+
+
+def _metrics(model_dir):
+  path = os.path.join(model_dir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(l) for l in f if l.strip() and l.endswith("\n")]
+
+
+def _wait_for_step(model_dir, step, proc, timeout=240):
+  deadline = time.time() + timeout
+  while True:
+    m = _metrics(model_dir)
+    if m and m[-1]["step"] >= step:
+      return m[-1]["step"]
+    assert proc.poll() is None, f"the run exited ({proc.returncode}) before step {step}"
+    assert time.time() < deadline, f"step {step} not reached"
+    time.sleep(0.02)
+
+
+def _checkpoint_steps(model_dir):
+  d = os.path.join(model_dir, "checkpoints")
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def _params(model_dir, step):
+  """The saved parameters at `step`, as numpy arrays."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  path = os.path.join(model_dir, "checkpoints", str(step), "state")
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", "Sharding info not provided")
+    restored = ocp.PyTreeCheckpointer().restore(path)
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.tree.map(np.asarray, restored["params"])
+
+
+def _assert_same_run(got_dir, want_dir, steps=STEPS):
+  got, want = _metrics(got_dir), _metrics(want_dir)
+  assert [m["step"] for m in got] == list(range(1, steps + 1))
+  for g, w in zip(got, want):
+    for key in ("loss", "ce_loss", "grad_norm", "learning_rate", "domain_loss",
+                "domain_weights", "avg_domain_weights"):
+      assert g.get(key) == w.get(key), (g["step"], key, g.get(key), w.get(key))
+  got_p, want_p = _params(got_dir, steps), _params(want_dir, steps)
+  import jax  # pylint: disable=g-import-not-at-top
+  flat_g, flat_w = jax.tree.leaves_with_path(got_p), jax.tree.leaves_with_path(want_p)
+  assert [p for p, _ in flat_g] == [p for p, _ in flat_w]
+  for (path, g), (_, w) in zip(flat_g, flat_w):
+    np.testing.assert_array_equal(g, w, err_msg=str(path))
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("resume") / "baseline")
+  _run(_cmd(path))
+  return path
+
+
+def test_kill9_then_restart_equals_uninterrupted(baseline, tmp_path):
+  model_dir = str(tmp_path / "run")
+  with open(tmp_path / "log", "w") as log:
+    proc = _start(_cmd(model_dir), log)
+    _wait_for_step(model_dir, 12, proc)
+    while not _checkpoint_steps(model_dir):
+      time.sleep(0.02)
+    assert proc.poll() is None, "finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  killed_at = _metrics(model_dir)[-1]["step"]
+  assert killed_at < STEPS
+  _run(_cmd(model_dir))
+  _assert_same_run(model_dir, baseline)
+
+
+def test_stop_after_steps_then_resume(baseline, tmp_path):
+  model_dir = str(tmp_path / "run")
+  _run(_cmd(model_dir, extra=["--gin.train.stop_after_steps=33"]))
+  assert _metrics(model_dir)[-1]["step"] == 33
+  assert _checkpoint_steps(model_dir)[-1] == 33  # saved where it stopped, off the 5-grid
+  _run(_cmd(model_dir))
+  _assert_same_run(model_dir, baseline)
+
+
+def test_sigterm_saves_exits_cleanly_and_resumes(baseline, tmp_path):
+  model_dir = str(tmp_path / "run")
+  with open(tmp_path / "log", "w") as log:
+    proc = _start(_cmd(model_dir), log)
+    _wait_for_step(model_dir, 12, proc)
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=120)
+  assert code == 0, (tmp_path / "log").read_text()[-3000:]
+  stopped = _metrics(model_dir)[-1]["step"]
+  assert 12 <= stopped < STEPS
+  assert _checkpoint_steps(model_dir)[-1] == stopped  # the checkpoint of the step it stopped at
+  assert "preempted: checkpoint saved at step" in (tmp_path / "log").read_text()
+  _run(_cmd(model_dir))
+  _assert_same_run(model_dir, baseline)
+
+
+def _trajectory(model_dir):
+  with open(os.path.join(model_dir, "domain_weights_trajectory.jsonl")) as f:
+    return [json.loads(l) for l in f if l.strip()]
+
+
+@pytest.mark.slow
+def test_doremi_kill9_resume_same_weight_trajectory(tmp_path):
+  ref, want, got = (str(tmp_path / n) for n in ("ref", "want", "got"))
+  _run(_cmd(ref, steps=3))
+  steps = 40
+  _run(_cmd(want, steps=steps, reference=ref))
+  with open(tmp_path / "log", "w") as log:
+    proc = _start(_cmd(got, steps=steps, reference=ref), log)
+    _wait_for_step(got, 8, proc)
+    while not _checkpoint_steps(got):
+      time.sleep(0.02)
+    assert proc.poll() is None, "finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  _run(_cmd(got, steps=steps, reference=ref))
+  _assert_same_run(got, want, steps=steps)
+  assert _trajectory(got) == _trajectory(want)
+  assert [t["step"] for t in _trajectory(got)] == list(range(1, steps + 1))
+  w_got, w_want = (json.load(open(os.path.join(d, "domain_weights.json"))) for d in (got, want))
+  assert w_got["domains"] == w_want["domains"]
+  assert w_got["final_domain_weights"] == w_want["final_domain_weights"]
