@@ -50,7 +50,7 @@ class DoReMiConfig:
   initial_lambda: float = 0.0  # excess of a domain absent before it is first seen
 
   def validate(self):
-    if not self.reference_dir:
+    if not isinstance(self.reference_dir, str) or not self.reference_dir:
       raise ValueError("DoReMiConfig.reference_dir is not set: point it at the reference "
                        "run's MODEL_DIR (--gin.REFERENCE_DIR=\"'...'\").")
     doremi_lib.validate(eta=self.eta, smoothing=self.smoothing, objective=self.objective)
@@ -89,6 +89,11 @@ def train(model_dir: str = gin.REQUIRED, *, mixture_or_task_name: str = gin.REQU
   stop_after_steps: stop (with a checkpoint) after this many steps in this invocation;
   for tests and time-sliced jobs, the schedule still spans train_steps.
   """
+  for name, value in (("MODEL_DIR", model_dir), ("MIXTURE_OR_TASK_NAME", mixture_or_task_name),
+                      ("TASK_FEATURE_LENGTHS", task_feature_lengths),
+                      ("TRAIN_STEPS", train_steps), ("BATCH_SIZE", batch_size)):
+    if type(value) is object:  # pylint: disable=unidiomatic-typecheck  # %gin.REQUIRED macro
+      raise ValueError(f"{name} is not set: pass --gin.{name}=... (see gin/runs/base.gin).")
   seq_len = config_lib.sequence_length(task_feature_lengths)
   if train_steps <= 0:
     raise ValueError(f"TRAIN_STEPS={train_steps}: must be a positive number of steps.")
@@ -127,6 +132,13 @@ def train(model_dir: str = gin.REQUIRED, *, mixture_or_task_name: str = gin.REQU
                                    batch_size=eval_batch_size or batch_size, cache_dir=cache_dir,
                                    max_sequences_per_domain=eval_max_sequences)
 
+  # The reference first: a missing checkpoint fails before MODEL_DIR is touched.
+  ref_params = None
+  if doremi is not None:
+    ref_params, ref_step = ckpt_lib.restore_params(doremi.reference_dir,
+                                                   trainer.abstract_ref_params)
+    ref_params = steps_lib.cast_params(ref_params, ref_cfg.compute_dtype)
+    info["reference_step"] = ref_step
   ckpt = ckpt_lib.Checkpointer(model_dir, save_every=checkpoint_every, keep=keep_checkpoints)
   start = ckpt.latest_step()
   if start is None:
@@ -136,12 +148,6 @@ def train(model_dir: str = gin.REQUIRED, *, mixture_or_task_name: str = gin.REQU
     state, data_state = ckpt.restore(start, trainer.abstract_state)
     batches.set_state(data_state)
     logging.info("resumed from %s at step %d", model_dir, start)
-  ref_params = None
-  if doremi is not None:
-    ref_params, ref_step = ckpt_lib.restore_params(doremi.reference_dir,
-                                                   trainer.abstract_ref_params)
-    ref_params = steps_lib.cast_params(ref_params, ref_cfg.compute_dtype)
-    info["reference_step"] = ref_step
   ckpt_lib.write_json(os.path.join(model_dir, ckpt_lib.RUN_INFO), info)
   config_lib.write_operative_config(model_dir)
 

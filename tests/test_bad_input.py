@@ -1,0 +1,224 @@
+"""Bad input: a clear error naming the problem, before anything compiles, with nothing in
+MODEL_DIR written or overwritten."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import gin
+import jax
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+from doremi_jax import config as config_lib  # noqa: E402
+from doremi_jax import train as train_lib  # noqa: E402
+
+BASE = ["--gin_file=gin/runs/reference.gin", "--gin_file=gin/models/tiny.gin",
+        "--gin_file=gin/mixtures/demo.gin", "--gin.TASK_FEATURE_LENGTHS={'targets': 32}",
+        "--gin.BATCH_SIZE=16", "--gin.TRAIN_STEPS=2"]
+DOREMI = ["--gin_file=gin/runs/doremi.gin"]
+
+
+def _tree_hash(path) -> str:
+  """Names, sizes, contents and mtimes of everything under `path` ('' if it does not exist)."""
+  h = hashlib.sha256()
+  for root, dirs, files in sorted(os.walk(path)):
+    dirs.sort()
+    for name in sorted(files) + [d + "/" for d in dirs]:
+      full = os.path.join(root, name.rstrip("/"))
+      h.update(os.path.relpath(full, path).encode())
+      if not name.endswith("/"):
+        st = os.stat(full)
+        h.update(f"{st.st_size} {st.st_mtime_ns}".encode())
+        with open(full, "rb") as f:
+          h.update(f.read())
+  return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A finished tiny run: the reference for DoReMi cases, a checkpoint for restart cases."""
+  path = str(tmp_path_factory.mktemp("bad") / "trained")
+  gin.clear_config()
+  config_lib.parse_gin(
+      [a.split("=", 1)[1] for a in BASE if a.startswith("--gin_file")],
+      [a[len("--gin."):] for a in BASE if a.startswith("--gin.")] + [f"MODEL_DIR='{path}'"])
+  try:
+    train_lib.train()
+  finally:
+    gin.clear_config()
+  return path
+
+
+@pytest.fixture
+def no_compile():
+  """Fails the test if XLA compiles anything while it runs."""
+  compiled = []
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiled.append(event)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  yield compiled
+  jax.monitoring.unregister_event_duration_listener(listener)
+  assert not compiled, "something was compiled before the error"
+
+
+def _fails(model_dir, args, *, match, no_compile):
+  """Runs the CLI entry point in-process; returns the error message."""
+  del no_compile  # the fixture checks
+  before = _tree_hash(model_dir)
+  args = list(args)
+  if args[:1] == DOREMI:  # the run file first (doremi.gin includes base.gin's macros)
+    argv = DOREMI + BASE[1:] + args[1:]
+  else:
+    argv = BASE + args
+  argv.append(f"--gin.MODEL_DIR='{model_dir}'")
+  gin.clear_config()
+  try:
+    with pytest.raises(SystemExit) as e:
+      config_lib.run_main(train_lib.train, argv)
+  finally:
+    gin.clear_config()
+  message = str(e.value.code)
+  assert e.value.code not in (0, None)
+  for m in ([match] if isinstance(match, str) else match):
+    assert m in message, message
+  assert _tree_hash(model_dir) == before, f"{model_dir} changed"
+  return message
+
+
+def test_unknown_gin_binding(tmp_path, no_compile):
+  _fails(tmp_path / "run", ["--gin.train.no_such_setting=3"], match="no_such_setting",
+         no_compile=no_compile)
+  _fails(tmp_path / "run", ["--gin.NoSuchThing.x=3"], match="NoSuchThing",
+         no_compile=no_compile)
+
+
+def test_unknown_mixture(tmp_path, no_compile):
+  _fails(tmp_path / "run", ["--gin.MIXTURE_OR_TASK_NAME='no_such_mixture'"],
+         match="no_such_mixture", no_compile=no_compile)
+
+
+@pytest.mark.parametrize("steps", [0, -5])
+def test_train_steps_not_positive(tmp_path, no_compile, steps):
+  _fails(tmp_path / "run", [f"--gin.TRAIN_STEPS={steps}"], match=f"TRAIN_STEPS={steps}",
+         no_compile=no_compile)
+
+
+def test_train_steps_not_given(tmp_path, no_compile):
+  argv = [a for a in BASE if not a.startswith("--gin.TRAIN_STEPS")]
+  before = _tree_hash(tmp_path)
+  gin.clear_config()
+  try:
+    with pytest.raises(SystemExit) as e:
+      config_lib.run_main(train_lib.train, argv + [f"--gin.MODEL_DIR='{tmp_path / 'run'}'"])
+  finally:
+    gin.clear_config()
+  assert "TRAIN_STEPS" in str(e.value.code)
+  assert _tree_hash(tmp_path) == before
+  del no_compile
+
+
+def test_batch_not_divisible_by_data_parallel_size(tmp_path, no_compile):
+  _fails(tmp_path / "run", ["--gin.BATCH_SIZE=12"],
+         match=["BATCH_SIZE=12", "data-parallel size 8"], no_compile=no_compile)
+
+
+def test_sequence_over_max_len(tmp_path, no_compile):
+  _fails(tmp_path / "run", ["--gin.TransformerConfig.max_len=16"],
+         match=["sequence length 32", "max_len=16"], no_compile=no_compile)
+
+
+@pytest.mark.parametrize("shape", ["(3, 1, 1)", "(2, 2, 1)", "(1, -1, 3)"])
+def test_mesh_does_not_match_devices(tmp_path, no_compile, shape):
+  _fails(tmp_path / "run", [f"--gin.MESH_SHAPE={shape}"], match=f"MESH_SHAPE={shape}",
+         no_compile=no_compile)
+
+
+def test_model_dir_holds_a_different_model(trained, no_compile):
+  msg = _fails(trained, ["--gin.TransformerConfig.emb_dim=128"],
+               match=["holds a checkpoint of a different model"], no_compile=no_compile)
+  assert "'emb_dim': 64" in msg and "'emb_dim': 128" in msg
+
+
+def test_doremi_missing_reference(tmp_path, no_compile):
+  _fails(tmp_path / "run", DOREMI + [f"--gin.REFERENCE_DIR='{tmp_path / 'nothing'}'"],
+         match=["No reference run", str(tmp_path / "nothing")], no_compile=no_compile)
+
+
+def test_doremi_reference_dir_not_given(tmp_path, no_compile):
+  _fails(tmp_path / "run", DOREMI, match="REFERENCE_DIR", no_compile=no_compile)
+
+
+def test_doremi_reference_without_checkpoint(trained, tmp_path, no_compile):
+  """A reference whose run started but never saved: the error comes before any compile."""
+  ref = tmp_path / "ref"
+  ref.mkdir()
+  shutil.copy(os.path.join(trained, "run_info.json"), ref)
+  _fails(tmp_path / "run", DOREMI + [f"--gin.REFERENCE_DIR='{ref}'"],
+         match=["No checkpoint", str(ref)], no_compile=no_compile)
+  assert not os.path.exists(tmp_path / "run")
+
+
+def _edited_reference(trained, tmp_path, edit):
+  ref = str(tmp_path / "ref")
+  shutil.copytree(trained, ref)
+  path = os.path.join(ref, "run_info.json")
+  with open(path) as f:
+    info = json.load(f)
+  edit(info)
+  with open(path, "w") as f:
+    json.dump(info, f)
+  return ref
+
+
+def test_doremi_reference_with_another_vocabulary(trained, tmp_path, no_compile):
+  def edit(info):
+    info["vocabulary"] = {"type": "SentencePieceVocabulary", "vocab_size": 32000,
+                          "model": "/x/spm.model"}
+  ref = _edited_reference(trained, tmp_path, edit)
+  _fails(tmp_path / "run", DOREMI + [f"--gin.REFERENCE_DIR='{ref}'"],
+         match=["another vocabulary", "SentencePieceVocabulary"], no_compile=no_compile)
+
+
+@pytest.mark.parametrize("change", ["order", "set"])
+def test_doremi_reference_with_other_domains(trained, tmp_path, no_compile, change):
+  def edit(info):
+    info["domains"] = (info["domains"][::-1] if change == "order" else info["domains"][:-1])
+  ref = _edited_reference(trained, tmp_path, edit)
+  _fails(tmp_path / "run", DOREMI + [f"--gin.REFERENCE_DIR='{ref}'"],
+         match="another set or order of domains", no_compile=no_compile)
+
+
+@pytest.mark.parametrize("binding,match", [
+    ("DoReMiConfig.eta=0.0", "eta"), ("DoReMiConfig.eta=-1.0", "eta"),
+    ("DoReMiConfig.smoothing=1.0", "smoothing"), ("DoReMiConfig.smoothing=-0.1", "smoothing"),
+    ("DoReMiConfig.smoothing=2.0", "smoothing"),
+])
+def test_doremi_bad_hyperparameters(trained, tmp_path, no_compile, binding, match):
+  msg = _fails(tmp_path / "run", DOREMI + [f"--gin.REFERENCE_DIR='{trained}'",
+                                           f"--gin.{binding}"],
+               match=match, no_compile=no_compile)
+  assert binding.split("=")[1] in msg
+
+
+def test_cli_exit_code_and_stderr(tmp_path):
+  """The command line: non-zero exit, the message on stderr, no traceback."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith("DOREMI_")}
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  for extra, match in ((["--gin.train.no_such_setting=3"], "no_such_setting"),
+                       (["--gin.MESH_SHAPE=(3, 1, 1)"], "MESH_SHAPE=(3, 1, 1)")):
+    proc = subprocess.run(
+        [sys.executable, "-m", "doremi_jax.train", *BASE, *extra,
+         f"--gin.MODEL_DIR='{tmp_path / 'run'}'"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert match in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not os.path.exists(tmp_path / "run")
