@@ -31,6 +31,9 @@ class TransformerConfig:
   tie_embeddings: bool = True
   dtype: str = "float32"  # compute dtype: "float32" or "bfloat16"
   remat: str = "none"  # "none" | "full" | "dots" (save matmul outputs)
+  # Compute the output logits and loss this many positions at a time (0: all at once).
+  # With a large vocabulary the [B, L, V] logits dominate memory; chunks are rematerialized.
+  logits_chunk: int = 0
   rope_theta: float = 10_000.0
   norm_eps: float = 1e-6
 
@@ -107,10 +110,11 @@ class Attention(nn.Module):
     dt = cfg.compute_dtype
 
     def proj(name):
-      return nn.DenseGeneral(
-          (cfg.num_heads, cfg.head_dim), use_bias=False, dtype=dt, param_dtype=jnp.float32,
-          kernel_init=nn.with_logical_partitioning(_dense_init(), ("embed", "heads", "kv")),
-          name=name)(x_BxLxD)
+      w = self.param(name, nn.with_logical_partitioning(
+          nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=0,
+                                           out_axis=(1, 2)), ("embed", "heads", "kv")),
+                     (cfg.emb_dim, cfg.num_heads, cfg.head_dim), jnp.float32)
+      return jnp.einsum("bld,dhk->blhk", x_BxLxD, w.astype(dt))
 
     q, k, v = proj("query"), proj("key"), proj("value")
     q = rotary(q, positions_BxL, cfg.rope_theta)
@@ -126,10 +130,11 @@ class Attention(nn.Module):
     probs = jnp.where(mask, probs, 0.0).astype(dt)
     out = jnp.einsum("bhqs,bshk->bqhk", probs, v)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
-    return nn.DenseGeneral(
-        cfg.emb_dim, axis=(-2, -1), use_bias=False, dtype=dt, param_dtype=jnp.float32,
-        kernel_init=nn.with_logical_partitioning(_dense_init(), ("heads", "kv", "embed")),
-        name="out")(out)
+    w_out = self.param("out", nn.with_logical_partitioning(
+        nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1),
+                                         out_axis=2), ("heads", "kv", "embed")),
+                       (cfg.num_heads, cfg.head_dim, cfg.emb_dim), jnp.float32)
+    return jnp.einsum("blhk,hkd->bld", out, w_out.astype(dt))
 
 
 class GatedMLP(nn.Module):
@@ -171,11 +176,12 @@ _REMAT_POLICIES = {
 
 
 class Transformer(nn.Module):
-  """Returns float32 logits [B, L, V] for decoder inputs (already shifted right)."""
+  """Float32 logits [B, L, V_padded] for decoder inputs (already shifted right), or with
+  return_hidden the final normalized hidden states [B, L, D] (see output_logits)."""
   cfg: TransformerConfig
 
   @nn.compact
-  def __call__(self, inputs_BxL, segment_ids_BxL, positions_BxL):
+  def __call__(self, inputs_BxL, segment_ids_BxL, positions_BxL, return_hidden: bool = False):
     cfg = self.cfg
     embed = self.param(
         "embedding",
@@ -191,14 +197,29 @@ class Transformer(nn.Module):
     for i in range(cfg.num_layers):
       x = block(cfg, name=f"layer_{i}")(x, segment_ids_BxL, positions_BxL)
     x = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="final_norm")(x)
-    if cfg.tie_embeddings:
-      logits = jnp.einsum("bld,vd->blv", x, embed.astype(cfg.compute_dtype)) / jnp.sqrt(cfg.emb_dim)
-    else:
-      logits = nn.Dense(
-          cfg.padded_vocab_size, use_bias=False, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
-          kernel_init=nn.with_logical_partitioning(_dense_init(), ("embed", "vocab")),
-          name="logits")(x)
-    logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
-    # Padding rows of the vocabulary are never predicted.
-    real = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
-    return jnp.where(real, logits.astype(jnp.float32), -1e9)
+    if not cfg.tie_embeddings:
+      self.param("output_kernel",
+                 nn.with_logical_partitioning(_dense_init(), ("embed", "vocab")),
+                 (cfg.emb_dim, cfg.padded_vocab_size), jnp.float32)
+    if return_hidden:
+      return x
+    return output_logits(cfg, self.variables["params"], x)
+
+
+def output_logits(cfg: TransformerConfig, params, x_BxLxD):
+  """Float32 logits [B, L, V_padded] from final hidden states and the model's parameters.
+
+  A function of the parameter dict (not a submodule) so that losses.chunked_per_token_loss
+  can project one slice of the sequence at a time.
+  """
+  dt = cfg.compute_dtype
+  params = nn.meta.unbox(params)
+  if cfg.tie_embeddings:
+    logits = jnp.einsum("bld,vd->blv", x_BxLxD, params["embedding"].astype(dt))
+    logits = logits / jnp.sqrt(cfg.emb_dim).astype(dt)
+  else:
+    logits = jnp.einsum("bld,dv->blv", x_BxLxD, params["output_kernel"].astype(dt))
+  logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+  # Padding rows of the vocabulary are never predicted.
+  real = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
+  return jnp.where(real, logits.astype(jnp.float32), -1e9)

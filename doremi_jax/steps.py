@@ -15,6 +15,7 @@ import optax
 
 from doremi_jax import doremi
 from doremi_jax import losses
+from doremi_jax.model import output_logits
 from doremi_jax.state import TrainState
 
 
@@ -31,9 +32,16 @@ class StepConfig:
 
 
 def _forward(model: nn.Module, params, batch, z_loss: float):
-  logits = model.apply({"params": params}, batch["inputs"], batch["segment_ids"],
-                       batch["positions"])
-  return losses.per_token_loss(logits, batch["targets"], batch["loss_mask"], z_loss=z_loss)
+  """(ce_BxL, loss_BxL, mask_BxL) of the model on a batch."""
+  cfg = model.cfg
+  args = (batch["inputs"], batch["segment_ids"], batch["positions"])
+  if not cfg.logits_chunk:
+    logits = model.apply({"params": params}, *args)
+    return losses.per_token_loss(logits, batch["targets"], batch["loss_mask"], z_loss=z_loss)
+  hidden = model.apply({"params": params}, *args, return_hidden=True)
+  return losses.chunked_per_token_loss(
+      lambda h: output_logits(cfg, params, h), hidden, batch["targets"], batch["loss_mask"],
+      z_loss=z_loss, chunk=cfg.logits_chunk)
 
 
 def _microbatches(batch, accum_steps: int):

@@ -36,6 +36,9 @@ def validate_shapes(*, model_cfg: TransformerConfig, mesh: Mesh, global_batch_si
     raise ValueError(f"sequence length {seq_len} (TASK_FEATURE_LENGTHS) is over the model's "
                      f"maximum max_len={model_cfg.max_len}; shorten it or raise "
                      f"TransformerConfig.max_len.")
+  if model_cfg.logits_chunk and seq_len % model_cfg.logits_chunk:
+    raise ValueError(f"TransformerConfig.logits_chunk={model_cfg.logits_chunk} must divide the "
+                     f"sequence length {seq_len}.")
   dp = sharding_lib.data_parallel_size(mesh)
   if accum_steps < 1 or global_batch_size % accum_steps:
     raise ValueError(f"BATCH_SIZE={global_batch_size} is not divisible by accum_steps="
@@ -110,6 +113,16 @@ def _opt_state_shardings(tx, abstract_params, param_sh, repl):
                                transform_non_params=lambda _: repl)
 
 
+def _in_mesh(fn, mesh: Mesh, rules):
+  """fn traced with the mesh and logical-axis rules in context, so that the model's
+  activation constraints (nn.with_logical_constraint) take effect."""
+  @functools.wraps(fn)
+  def wrapped(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+      return fn(*args)
+  return wrapped
+
+
 def _with_shardings(abstract, shardings):
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       abstract, shardings)
@@ -165,15 +178,17 @@ def build_trainer(*, model_cfg: TransformerConfig, mesh: Mesh, global_batch_size
     trainer.abstract_ref_params = _with_shardings(abstract_ref, ref_sh)
     trainer.ref_shardings = ref_sh
     trainer.step_fn = jax.jit(
-        functools.partial(steps.proxy_step, model=model, ref_model=ref_model, tx=tx,
-                          cfg=step_cfg),
+        _in_mesh(functools.partial(steps.proxy_step, model=model, ref_model=ref_model, tx=tx,
+                                   cfg=step_cfg), mesh, rules),
         in_shardings=(state_sh, ref_sh, batch_sh), out_shardings=(state_sh, repl),
         donate_argnums=(0,))
   else:
     trainer.step_fn = jax.jit(
-        functools.partial(steps.train_step, model=model, tx=tx, cfg=step_cfg),
+        _in_mesh(functools.partial(steps.train_step, model=model, tx=tx, cfg=step_cfg),
+                 mesh, rules),
         in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl), donate_argnums=(0,))
-  trainer.eval_fn = jax.jit(functools.partial(steps.eval_step, model=model, cfg=step_cfg),
+  trainer.eval_fn = jax.jit(_in_mesh(functools.partial(steps.eval_step, model=model,
+                                                       cfg=step_cfg), mesh, rules),
                             in_shardings=(param_sh, batch_sh), out_shardings=repl)
   return trainer
 

@@ -152,7 +152,7 @@ def test_remat_same_loss_and_gradients():
     np.testing.assert_allclose(loss, loss0, rtol=1e-6)
     for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(g0)):
       np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=f"{remat} {path}")
-  assert float(jnp.abs(g0["layer_0"]["attn"]["query"]["kernel"]).max()) > 1e-4
+  assert float(jnp.abs(g0["layer_0"]["attn"]["query"]).max()) > 1e-4
 
 
 def test_unknown_remat_errors():
@@ -187,9 +187,9 @@ def test_tied_and_untied_build(tie):
   cfg = dataclasses.replace(CFG, tie_embeddings=tie)
   params = nn.meta.unbox(_abstract_boxed(cfg))["params"]
   assert params["embedding"].shape == (384, 32)
-  assert ("logits" in params) == (not tie)
+  assert ("output_kernel" in params) == (not tie)
   if not tie:
-    assert params["logits"]["kernel"].shape == (32, 384)
+    assert params["output_kernel"].shape == (32, 384)
   dummy = jnp.zeros((2, L), jnp.int32)
   out = jax.eval_shape(Transformer(cfg).apply, {"params": params}, dummy, dummy, dummy)
   assert out.shape == (2, L, 384) and out.dtype == jnp.float32
