@@ -56,6 +56,13 @@ def _json_default(x):
   raise TypeError(f"not JSON serializable: {type(x)}")
 
 
+def barrier(name: str) -> None:
+  """All processes wait here; files process 0 wrote before it are then readable by all."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
 def check_run_info(model_dir: str, info: dict, *, keys=("model", "vocabulary", "domains")):
   """Errors if MODEL_DIR holds a checkpoint of a different run; nothing is overwritten."""
   old = read_run_info(model_dir)

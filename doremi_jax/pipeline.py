@@ -23,6 +23,7 @@ if __name__ == "__main__":
 import json
 import logging
 import os
+import tempfile
 import time
 from typing import Optional, Sequence
 
@@ -49,9 +50,29 @@ def _scoped_train(scope: str, model_dir: str, mixture: str, **overrides) -> dict
     return result
 
 
+def _gfile():
+  import tensorflow as tf  # gs:// paths (a TPU pipeline's PIPELINE_DIR)
+  return tf.io.gfile
+
+
 def _read_json(path: str) -> dict:
-  with open(path) as f:
+  with _gfile().GFile(path) as f:
     return json.load(f)
+
+
+def _write_report(study: dict, pipeline_dir: str) -> dict:
+  """report.md, summary.json and plots/ in pipeline_dir (local or gs://)."""
+  if "://" not in pipeline_dir:
+    return report_lib.write_report(study, pipeline_dir)
+  gfile = _gfile()
+  with tempfile.TemporaryDirectory() as tmp:
+    summary = report_lib.write_report(study, tmp)
+    for root, _, files in os.walk(tmp):
+      dest = os.path.join(pipeline_dir, os.path.relpath(root, tmp))
+      gfile.makedirs(dest)
+      for name in files:
+        gfile.copy(os.path.join(root, name), os.path.join(dest, name), overwrite=True)
+  return summary
 
 
 def _register(weights: dict, name: str, domain_set: str) -> str:
@@ -134,8 +155,9 @@ def pipeline(pipeline_dir: str = gin.REQUIRED, *, domain_set: str = gin.REQUIRED
       converged = True
       break
     ref_w = out_w
-  weights_lib.write_weights(os.path.join(pipeline_dir, "domain_weights.json"), out_w,
-                            mixture=domain_set, rounds=len(rounds), converged=converged)
+  if jax.process_index() == 0:
+    weights_lib.write_weights(os.path.join(pipeline_dir, "domain_weights.json"), out_w,
+                              mixture=domain_set, rounds=len(rounds), converged=converged)
 
   main_tokens = main_steps * main_batch_size * sequence_length
   mains = {"doremi": out_w}
@@ -159,7 +181,7 @@ def pipeline(pipeline_dir: str = gin.REQUIRED, *, domain_set: str = gin.REQUIRED
   summary = None
   if jax.process_index() == 0:
     ckpt_lib.write_json(os.path.join(pipeline_dir, "study.json"), study)
-    summary = report_lib.write_report(study, pipeline_dir)
+    summary = _write_report(study, pipeline_dir)
     logging.info("report: %s", os.path.join(pipeline_dir, "report.md"))
   return summary
 
@@ -174,14 +196,14 @@ def _study_config(pipeline_dir: str, reference_weights: str, max_rounds: int) ->
   for stage in ("reference", "doremi", "main"):
     path = os.path.join(pipeline_dir, "round1" if stage != "main" else "main",
                         stage if stage != "main" else "doremi", ckpt_lib.RUN_INFO)
-    if os.path.exists(path):
+    if _gfile().exists(path):
       info = _read_json(path)
       m = info["model"]
       cfg[f"{stage}_model"] = (f"d{m['emb_dim']} L{m['num_layers']} H{m['num_heads']} "
                                f"ff{m['mlp_dim']} ({info['num_params']:,} params)")
       cfg["vocabulary"] = f"{info['vocabulary']['type']} ({info['vocabulary']['vocab_size']})"
   dw = os.path.join(pipeline_dir, "round1", "doremi", "domain_weights.json")
-  if os.path.exists(dw):
+  if _gfile().exists(dw):
     meta = _read_json(dw)
     cfg.update(eta=meta["eta"], c=meta["c"], objective=meta["objective"],
                proxy_steps=meta["steps"])

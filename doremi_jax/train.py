@@ -199,6 +199,7 @@ def train(model_dir: str = gin.REQUIRED, *, mixture_or_task_name: str = gin.REQU
     trajectory.flush()
     if step >= train_steps:
       config_lib.write_domain_weights(model_dir, state, info, doremi, steps=train_steps)
+  ckpt_lib.barrier(f"train done: {model_dir}")  # outputs written by process 0 are complete
   return {"step": step, **last}
 
 
