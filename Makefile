@@ -12,8 +12,9 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
+# The demo is a CPU study (libtpu, installed for the tests, would otherwise probe for a TPU).
 demo: $(STAMP)
-	$(PY) -m doremi_jax.pipeline --gin_file=gin/pipelines/demo_cpu.gin
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) -m doremi_jax.pipeline --gin_file=gin/pipelines/demo_cpu.gin
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc

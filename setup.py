@@ -25,7 +25,8 @@ setuptools.setup(
         "tensorboard",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout"],
+        # libtpu lets the compile-check tests build TPU topologies on a CPU host.
+        "test": ["pytest>=7", "pytest-timeout", "jax[tpu]"],
         "tpu": ["jax[tpu]"],
     },
 )

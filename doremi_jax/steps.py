@@ -41,7 +41,7 @@ def _forward(model: nn.Module, params, batch, z_loss: float):
   hidden = model.apply({"params": params}, *args, return_hidden=True)
   return losses.chunked_per_token_loss(
       lambda h: output_logits(cfg, params, h), hidden, batch["targets"], batch["loss_mask"],
-      z_loss=z_loss, chunk=cfg.logits_chunk)
+      z_loss=z_loss, chunk=min(cfg.logits_chunk, hidden.shape[1]))
 
 
 def _microbatches(batch, accum_steps: int):

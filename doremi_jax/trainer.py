@@ -36,7 +36,8 @@ def validate_shapes(*, model_cfg: TransformerConfig, mesh: Mesh, global_batch_si
     raise ValueError(f"sequence length {seq_len} (TASK_FEATURE_LENGTHS) is over the model's "
                      f"maximum max_len={model_cfg.max_len}; shorten it or raise "
                      f"TransformerConfig.max_len.")
-  if model_cfg.logits_chunk and seq_len % model_cfg.logits_chunk:
+  if model_cfg.logits_chunk and seq_len > model_cfg.logits_chunk and \
+      seq_len % model_cfg.logits_chunk:
     raise ValueError(f"TransformerConfig.logits_chunk={model_cfg.logits_chunk} must divide the "
                      f"sequence length {seq_len}.")
   dp = sharding_lib.data_parallel_size(mesh)

@@ -12,6 +12,9 @@ except ImportError:  # Not installed and pytest.ini sets no pythonpath: use the 
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from doremi_jax import compile_check as cc  # pylint: disable=g-import-not-at-top
 
+# TPU topologies come from libtpu (`pip install -e '.[test]'` installs it; CI has it).
+pytest.importorskip("libtpu", reason="libtpu not installed: pip install 'jax[tpu]'")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--gin_file=gin/runs/doremi.gin", "--gin_file=gin/models/tiny.gin",
         "--gin.TASK_FEATURE_LENGTHS={'targets': 128}", "--gin.TRAIN_STEPS=10",

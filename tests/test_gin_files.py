@@ -184,6 +184,7 @@ def test_hardware_files(hardware, capture, tmp_path):
       _build()
       assert dict(capture["mesh"].shape) == dict(mesh.shape)
   else:  # a TPU slice: the mesh fills the topology's chips (libtpu, no TPU needed)
+    pytest.importorskip("libtpu", reason="libtpu not installed: pip install 'jax[tpu]'")
     devices, _ = compile_check.topology_devices(topology)
     mesh = sharding_lib.make_mesh(mesh_shape, devices=devices)
     assert mesh.size == len(devices)

@@ -43,7 +43,7 @@ def test_chunked_loss_matches_full(tie, z_loss):
 def test_chunk_must_divide_length():
   from doremi_jax import sharding, trainer  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match="logits_chunk"):
-    trainer.build_trainer(model_cfg=dataclasses.replace(CFG, logits_chunk=5),
+    trainer.build_trainer(model_cfg=dataclasses.replace(CFG, logits_chunk=5),  # 32 % 5 != 0
                           mesh=sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]),
                           global_batch_size=8, seq_len=32, total_steps=10,
                           step_cfg=steps.StepConfig(num_domains=3))
