@@ -104,8 +104,9 @@ def test_topology_from_hardware_gin(capsys):
 def test_report_numbers():
   from doremi_jax import steps
   from doremi_jax.model import TransformerConfig
-  r = cc.check_config(topology="v5e:2x2", model_cfg=TransformerConfig(), global_batch_size=8,
-                      seq_len=64, step_cfg=steps.StepConfig(num_domains=3))
+  # Large enough that the step needs temporaries (at 8 x 64 XLA needs none).
+  r = cc.check_config(topology="v5e:2x2", model_cfg=TransformerConfig(), global_batch_size=64,
+                      seq_len=256, step_cfg=steps.StepConfig(num_domains=3))
   assert r.fits and r.num_devices == 4 and r.mesh_shape == {"data": 1, "fsdp": 4, "model": 1}
   assert r.argument_bytes > 0 and r.temp_bytes > 0 and r.flops_per_device > 0
   assert r.total_bytes == (r.argument_bytes + r.output_bytes - r.alias_bytes + r.temp_bytes
