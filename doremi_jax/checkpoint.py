@@ -24,6 +24,9 @@ def _gfile():
 
 
 def checkpoint_dir(model_dir: str) -> str:
+  """MODEL_DIR/checkpoints; orbax needs local paths absolute (gs:// stays as is)."""
+  if "://" not in model_dir:
+    model_dir = os.path.abspath(model_dir)
   return os.path.join(model_dir, "checkpoints")
 
 
