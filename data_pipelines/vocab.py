@@ -28,4 +28,7 @@ def vocab_key(vocabulary: Optional[seqio.Vocabulary]) -> str:
   """A string identifying a vocabulary (for cache keys)."""
   if isinstance(vocabulary, seqio.SentencePieceVocabulary):
     return f"spm:{vocabulary.sentencepiece_model_file}"
-  return repr(vocabulary)
+  if vocabulary is None or isinstance(vocabulary, seqio.ByteVocabulary):
+    return f"byte:{getattr(vocabulary, 'extra_ids', 0)}"
+  # Stable across processes (a default repr would hold a memory address).
+  return f"{type(vocabulary).__name__}:{vocabulary.vocab_size}:{getattr(vocabulary, 'extra_ids', 0)}"

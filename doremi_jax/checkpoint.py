@@ -18,8 +18,9 @@ import orbax.checkpoint as ocp
 RUN_INFO = "run_info.json"
 
 
-def _gfile():
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top  # gs:// support
+def gfile():
+  """tf.io.gfile: local and gs:// paths alike."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   return tf.io.gfile
 
 
@@ -32,10 +33,10 @@ def checkpoint_dir(model_dir: str) -> str:
 
 def read_run_info(model_dir: str) -> Optional[dict]:
   path = os.path.join(model_dir, RUN_INFO)
-  gfile = _gfile()
-  if not gfile.exists(path):
+  fs = gfile()
+  if not fs.exists(path):
     return None
-  with gfile.GFile(path) as f:
+  with fs.GFile(path) as f:
     return json.load(f)
 
 
@@ -43,12 +44,12 @@ def write_json(path: str, obj: Any) -> None:
   """Writes JSON atomically (a temporary file, then rename), from process 0 only."""
   if jax.process_index() != 0:
     return
-  gfile = _gfile()
-  gfile.makedirs(os.path.dirname(path) or ".")
+  fs = gfile()
+  fs.makedirs(os.path.dirname(path) or ".")
   tmp = path + ".tmp"
-  with gfile.GFile(tmp, "w") as f:
+  with fs.GFile(tmp, "w") as f:
     json.dump(obj, f, indent=2, sort_keys=False, default=_json_default)
-  gfile.rename(tmp, path, overwrite=True)
+  fs.rename(tmp, path, overwrite=True)
 
 
 def _json_default(x):
@@ -66,8 +67,16 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def check_run_info(model_dir: str, info: dict, *, keys=("model", "vocabulary", "domains")):
-  """Errors if MODEL_DIR holds a checkpoint of a different run; nothing is overwritten."""
+RESUME_KEYS = ("kind", "model", "vocabulary", "domains", "sequence_length", "batch_size",
+               "random_seed")
+
+
+def check_run_info(model_dir: str, info: dict, *, keys=RESUME_KEYS):
+  """Errors if MODEL_DIR holds a checkpoint of a different run; nothing is overwritten.
+
+  Batch size, seed and sequence length are part of a run: changing them on resume would
+  change the data stream, so resuming with other values is refused too.
+  """
   old = read_run_info(model_dir)
   if old is None:
     return
@@ -111,9 +120,6 @@ class Checkpointer:
 
   def reached_preemption(self, step: int) -> bool:
     return self.manager.reached_preemption(step)
-
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.wait_until_finished()

@@ -13,6 +13,7 @@ import numpy as np
 
 from doremi_jax import checkpoint as ckpt_lib
 from doremi_jax import distributed
+from doremi_jax import metrics as metrics_lib
 from doremi_jax.model import TransformerConfig
 
 DEFAULT_GIN_SEARCH_PATHS = (os.path.join(os.path.dirname(os.path.dirname(__file__)), "gin"),
@@ -41,11 +42,12 @@ def vocabulary_info(mixture_or_task_name: str) -> dict:
 
 
 def run_info(model_cfg: TransformerConfig, mixture: str, domains, seq_len: int, *,
-             kind: str) -> dict:
+             kind: str, batch_size: int, random_seed: int) -> dict:
   """What a run is: checked on restart and by runs that use it as a reference."""
   return {"kind": kind, "model": dataclasses.asdict(model_cfg), "mixture": mixture,
           "domains": list(domains), "vocabulary": vocabulary_info(mixture),
-          "sequence_length": seq_len, "num_params": model_cfg.num_params()}
+          "sequence_length": seq_len, "batch_size": batch_size, "random_seed": random_seed,
+          "num_params": model_cfg.num_params()}
 
 
 def check_vocabulary(model_cfg: TransformerConfig, vocab: dict) -> None:
@@ -93,12 +95,7 @@ class Trajectory:
       return
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     self._gfile = tf.io.gfile
-    kept = []
-    if self._gfile.exists(self.path):
-      with self._gfile.GFile(self.path) as f:
-        kept = [l for l in f if l.strip() and json.loads(l)["step"] <= start_step]
-    with self._gfile.GFile(self.path, "w") as f:
-      f.write("".join(kept))
+    metrics_lib.truncate_jsonl(self.path, start_step)
 
   def append(self, step: int, alpha_K, avg_alpha_K) -> None:
     if self.active:

@@ -19,6 +19,7 @@ import hashlib
 import io
 import logging
 import os
+import uuid
 from typing import Iterator, Mapping, Optional, Union
 
 import numpy as np
@@ -87,7 +88,7 @@ def _write_npz(path: str, arrays: Mapping[str, np.ndarray]) -> None:
   buf = io.BytesIO()
   np.savez(buf, **arrays)
   tf.io.gfile.makedirs(os.path.dirname(path))
-  tmp = f"{path}.tmp{os.getpid()}"
+  tmp = f"{path}.tmp{uuid.uuid4().hex}"  # hosts sharing a gs:// cache may have equal pids
   with tf.io.gfile.GFile(tmp, "wb") as f:
     f.write(buf.getvalue())
   tf.io.gfile.rename(tmp, path, overwrite=True)
@@ -236,6 +237,12 @@ class BatchIterator:
     k = len(self.pools)
     self.sampling = sampling if isinstance(sampling, str) else "weights"
     if packed.mixed:
+      # Rows mix domains in their natural proportions: no per-domain sampling is possible.
+      if sampling != "mixture" or mixture_rates is not None:
+        raise ValueError(
+            f"sampling={sampling!r} needs sequences packed within a domain: with "
+            "pack_across_domains=True, batches follow natural token proportions only. Set "
+            "pack_across_domains=False for DoReMi (proxy) runs and weighted mixtures.")
       self.sampling, self.probs = "mixed", np.ones(1)
     elif sampling == "stratified":
       self.probs = None

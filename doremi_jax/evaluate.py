@@ -74,19 +74,20 @@ class Evaluator:
     result = {"step": int(step), **self.evaluate(params)}
     if jax.process_index() == 0:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      path = os.path.join(model_dir, "eval_history.jsonl")
-      lines = []
-      if tf.io.gfile.exists(path):
-        with tf.io.gfile.GFile(path) as f:
-          lines = [l for l in f if l.strip() and json.loads(l)["step"] < step]
-      with tf.io.gfile.GFile(path, "w") as f:
-        f.write("".join(lines + [json.dumps(result) + "\n"]))
+      with tf.io.gfile.GFile(history_path(model_dir), "a") as f:
+        f.write(json.dumps(result) + "\n")
     return result
+
+
+def history_path(model_dir: str) -> str:
+  return os.path.join(model_dir, "eval_history.jsonl")
 
 
 def read_history(model_dir: str) -> list[dict]:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  with tf.io.gfile.GFile(os.path.join(model_dir, "eval_history.jsonl")) as f:
+  if not tf.io.gfile.exists(history_path(model_dir)):
+    return []
+  with tf.io.gfile.GFile(history_path(model_dir)) as f:
     return [json.loads(l) for l in f if l.strip()]
 
 

@@ -32,12 +32,8 @@ class MetricsWriter:
 
   def truncate_after(self, step: int) -> None:
     """On resume, drop lines logged after the restored step (they will be logged again)."""
-    if not self.active or not self._tf.io.gfile.exists(self.path):
-      return
-    with self._tf.io.gfile.GFile(self.path) as f:
-      lines = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= step]
-    with self._tf.io.gfile.GFile(self.path, "w") as f:
-      f.write("".join(lines))
+    if self.active:
+      truncate_jsonl(self.path, step)
 
   def write(self, step: int, values: Mapping) -> None:
     if not self.active:
@@ -54,6 +50,17 @@ class MetricsWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def truncate_jsonl(path: str, last_step: int) -> None:
+  """Keeps the JSON lines of a step log up to last_step (a resumed run rewrites the rest)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if not tf.io.gfile.exists(path):
+    return
+  with tf.io.gfile.GFile(path) as f:
+    lines = [l for l in f if l.strip() and json.loads(l)["step"] <= last_step]
+  with tf.io.gfile.GFile(path, "w") as f:
+    f.write("".join(lines))
 
 
 def _plain(v):

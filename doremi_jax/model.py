@@ -56,9 +56,10 @@ class TransformerConfig:
 
   def flops_per_token(self, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward = 3x forward), with attention."""
-    # Non-embedding parameters plus the output projection (an embedding lookup is free).
-    n = self.num_params() - self.padded_vocab_size * self.emb_dim * (1 if self.tie_embeddings else 1)
-    n += self.padded_vocab_size * self.emb_dim
+    # Every parameter but the input embedding (a lookup is free); a tied table still does
+    # the output projection.
+    emb = self.padded_vocab_size * self.emb_dim
+    n = self.num_params() - emb + (emb if self.tie_embeddings else 0)
     attn = 2 * self.num_layers * seq_len * self.num_heads * self.head_dim
     return 6.0 * n + 6.0 * attn
 

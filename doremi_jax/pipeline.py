@@ -45,14 +45,16 @@ def _scoped_train(scope: str, model_dir: str, mixture: str, **overrides) -> dict
   with gin.config_scope(scope):
     t0 = time.time()
     result = train_lib.train(model_dir, mixture_or_task_name=mixture, **overrides)
+    if result["preempted"]:
+      logging.warning("[%s] preempted at step %d: rerun the same command to continue the "
+                      "study from there.", scope, result["step"])
+      raise SystemExit(0)
     logging.info("[%s] %s finished at step %s in %.0fs", scope, model_dir, result["step"],
                  time.time() - t0)
     return result
 
 
-def _gfile():
-  import tensorflow as tf  # gs:// paths (a TPU pipeline's PIPELINE_DIR)
-  return tf.io.gfile
+_gfile = ckpt_lib.gfile  # local or gs:// (a TPU pipeline's PIPELINE_DIR)
 
 
 def _read_json(path: str) -> dict:
@@ -88,17 +90,15 @@ def _trajectory(model_dir: str) -> dict:
           "avg_domain_weights": [r["avg_domain_weights"] for r in rows]}
 
 
-def _baseline_weights(name: str, domain_set: str, natural: dict, *, main_tokens: int,
-                      unimax_max_epochs: float, seq_len: int) -> dict:
+def _baseline_weights(name: str, natural: dict, token_counts: dict, *, main_tokens: int,
+                      unimax_max_epochs: float) -> dict:
   from data_pipelines import weights as weights_lib
   if name == "natural":
     return natural
   if name == "uniform":
     return weights_lib.uniform_weights(list(natural))
   if name == "unimax":
-    packed = data_lib.PackedDomains.build(domain_set, "train", seq_len)
-    counts = {d: packed.num_tokens[d] for d in packed.names}
-    return weights_lib.unimax_weights(counts, main_tokens, unimax_max_epochs)
+    return weights_lib.unimax_weights(token_counts, main_tokens, unimax_max_epochs)
   raise ValueError(f"unknown baseline {name!r}: use some of {BASELINES}.")
 
 
@@ -108,13 +108,14 @@ def pipeline(pipeline_dir: str = gin.REQUIRED, *, domain_set: str = gin.REQUIRED
              convergence_tol: float = 1e-3, baselines: Sequence[str] = BASELINES,
              unimax_max_epochs: float = 1.0, name: Optional[str] = None,
              main_steps: int = gin.REQUIRED, main_batch_size: int = gin.REQUIRED,
-             sequence_length: int = gin.REQUIRED) -> dict:
+             sequence_length: int = gin.REQUIRED, cache_dir: Optional[str] = None) -> dict:
   """Runs the study; returns the report's summary.
 
   reference_weights: "natural" or "uniform" (round 1's reference mixture), or a weights file.
   max_rounds: iterated DoReMi; round r+1's reference trains on round r's output, stopping
     early when max_i |avg_i - ref_i| < convergence_tol.
   main_steps / main_batch_size / sequence_length: the main runs' shared (equal) compute.
+  cache_dir: the packed-data cache (default: train's default), shared by every stage.
   """
   from data_pipelines import weights as weights_lib
   unknown = [b for b in baselines if b not in BASELINES]
@@ -123,16 +124,22 @@ def pipeline(pipeline_dir: str = gin.REQUIRED, *, domain_set: str = gin.REQUIRED
   if max_rounds < 1:
     raise ValueError(f"pipeline.max_rounds={max_rounds}: at least one DoReMi round.")
   domains = data_lib.domain_names(domain_set)
-  # `{set}_natural`: token proportions of the set, or published ones (the Pile's baseline).
   from data_pipelines import core
+  # Packing the train split once gives the token counts behind natural and UniMax weights.
+  packed = data_lib.PackedDomains.build(domain_set, "train", sequence_length, cache_dir=cache_dir)
+  token_counts = {d: packed.num_tokens[d] for d in packed.names}
+  del packed
+  # `{set}_natural`: token proportions of the set, or published ones (the Pile's baseline).
   natural = core.mixture_rates(f"{domain_set}_natural")
   if reference_weights == "natural":
     ref_w = natural
   elif reference_weights == "uniform":
     ref_w = weights_lib.uniform_weights(domains)
-  else:
-    ref_w = weights_lib.read_weights(reference_weights, domains=domains)
+  else:  # a weights file: original or sanitized names, missing domains 0, normalized
+    ref_w = core.mixture_rates(_register(weights_lib.read_weights(reference_weights),
+                                         f"{domain_set}_reference_file", domain_set))
   lengths = {"targets": sequence_length}
+  stage_args = {"task_feature_lengths": lengths, "cache_dir": cache_dir}
   uniform_mixture = _register(weights_lib.uniform_weights(domains), f"{domain_set}_proxy",
                               domain_set)
 
@@ -141,10 +148,9 @@ def pipeline(pipeline_dir: str = gin.REQUIRED, *, domain_set: str = gin.REQUIRED
     ref_dir = os.path.join(pipeline_dir, f"round{r}", "reference")
     proxy_dir = os.path.join(pipeline_dir, f"round{r}", "doremi")
     ref_mixture = _register(ref_w, f"{domain_set}_reference_r{r}", domain_set)
-    _scoped_train("reference", ref_dir, ref_mixture, task_feature_lengths=lengths)
+    _scoped_train("reference", ref_dir, ref_mixture, **stage_args)
     doremi_cfg = _scoped_doremi(ref_dir)
-    _scoped_train("proxy", proxy_dir, uniform_mixture, task_feature_lengths=lengths,
-                  doremi=doremi_cfg)
+    _scoped_train("proxy", proxy_dir, uniform_mixture, doremi=doremi_cfg, **stage_args)
     out = _read_json(os.path.join(proxy_dir, "domain_weights.json"))
     out_w = out["domains"]
     change = max(abs(out_w[d] - ref_w[d]) for d in domains)
@@ -162,14 +168,14 @@ def pipeline(pipeline_dir: str = gin.REQUIRED, *, domain_set: str = gin.REQUIRED
   main_tokens = main_steps * main_batch_size * sequence_length
   mains = {"doremi": out_w}
   for b in baselines:
-    mains[b] = _baseline_weights(b, domain_set, natural, main_tokens=main_tokens,
-                                 unimax_max_epochs=unimax_max_epochs, seq_len=sequence_length)
+    mains[b] = _baseline_weights(b, natural, token_counts, main_tokens=main_tokens,
+                                 unimax_max_epochs=unimax_max_epochs)
   results = {}
   for run, weights in mains.items():
     mixture = _register(weights, f"{domain_set}_main_{run}", domain_set)
     main_dir = os.path.join(pipeline_dir, "main", run)
-    _scoped_train("main", main_dir, mixture, task_feature_lengths=lengths,
-                  train_steps=main_steps, batch_size=main_batch_size)
+    _scoped_train("main", main_dir, mixture, train_steps=main_steps,
+                  batch_size=main_batch_size, **stage_args)
     results[run] = {"weights": weights, "evals": eval_lib.read_history(main_dir)}
 
   study = {"name": name or os.path.basename(os.path.normpath(pipeline_dir)),

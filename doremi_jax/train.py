@@ -65,8 +65,13 @@ class _Preemption:
   def __init__(self, process_count: int):
     self.requested = False
     # Multi-host: JAX's preemption service owns SIGTERM and syncs the step across hosts.
+    self._previous = None
     if process_count == 1:
-      signal.signal(signal.SIGTERM, self._handler)
+      self._previous = signal.signal(signal.SIGTERM, self._handler)
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
   def _handler(self, signum, frame):
     del signum, frame
@@ -97,18 +102,32 @@ def train(model_dir: str = gin.REQUIRED, *, mixture_or_task_name: str = gin.REQU
   seq_len = config_lib.sequence_length(task_feature_lengths)
   if train_steps <= 0:
     raise ValueError(f"TRAIN_STEPS={train_steps}: must be a positive number of steps.")
+  for name, value in (("log_every", log_every), ("checkpoint_every", checkpoint_every)):
+    if value <= 0:
+      raise ValueError(f"train.{name}={value}: must be a positive number of steps.")
+  if eval_every < 0:
+    raise ValueError(f"train.eval_every={eval_every}: use 0 (no evaluation) or a step count.")
   if doremi is not None:
     doremi.validate()
+    if os.path.abspath(doremi.reference_dir) == os.path.abspath(model_dir):
+      raise ValueError(f"MODEL_DIR and REFERENCE_DIR are both {model_dir}: a DoReMi run "
+                       f"needs its own MODEL_DIR next to the finished reference run.")
   model_cfg = TransformerConfig()
   domains = data_lib.domain_names(mixture_or_task_name)
   info = config_lib.run_info(model_cfg, mixture_or_task_name, domains, seq_len,
-                             kind="doremi" if doremi else "train")
+                             kind="doremi" if doremi else "train", batch_size=batch_size,
+                             random_seed=random_seed)
   config_lib.check_vocabulary(model_cfg, info["vocabulary"])
   ckpt_lib.check_run_info(model_dir, info)
   ref_cfg = None
   if doremi is not None:
     ref_cfg = config_lib.check_reference(doremi.reference_dir, info)
   mesh = sharding_lib.make_mesh(mesh_shape)
+  if eval_every and eval_batch_size and eval_batch_size % (
+      sharding_lib.data_parallel_size(mesh) * jax.process_count()):
+    raise ValueError(f"train.eval_batch_size={eval_batch_size} is not divisible by the "
+                     f"data-parallel size {sharding_lib.data_parallel_size(mesh)} x "
+                     f"{jax.process_count()} host(s).")
   step_cfg = steps_lib.StepConfig(
       num_domains=len(domains), accum_steps=accum_steps, z_loss=z_loss,
       **({"eta": doremi.eta, "smoothing": doremi.smoothing, "objective": doremi.objective}
@@ -118,6 +137,13 @@ def train(model_dir: str = gin.REQUIRED, *, mixture_or_task_name: str = gin.REQU
                           ref_model_cfg=ref_cfg, num_processes=jax.process_count(),
                           initial_lambda=doremi.initial_lambda if doremi else 0.0)
 
+  if pack_across_domains:
+    from data_pipelines import core  # pylint: disable=g-import-not-at-top
+    natural = f"{core.get_domain_set(mixture_or_task_name).name}_natural"
+    if doremi is not None or mixture_or_task_name != natural:
+      raise ValueError(f"train.pack_across_domains=True packs domains together, so batches "
+                       f"follow natural proportions: use MIXTURE_OR_TASK_NAME='{natural}' and "
+                       f"no DoReMi, or pack within domains (the default).")
   # Input: built (or read from cache) before anything is written to MODEL_DIR.
   packed = data_lib.PackedDomains.build(mixture_or_task_name, "train", seq_len,
                                         cache_dir=cache_dir,
@@ -153,6 +179,14 @@ def train(model_dir: str = gin.REQUIRED, *, mixture_or_task_name: str = gin.REQU
 
   writer = metrics_lib.MetricsWriter(model_dir)
   writer.truncate_after(start)
+  if evaluator is not None:
+    if jax.process_index() == 0:
+      metrics_lib.truncate_jsonl(eval_lib.history_path(model_dir), start)
+    ckpt_lib.barrier("eval history truncated")
+    # Killed between the checkpoint and its evaluation: evaluate the restored step now.
+    if start and (start % eval_every == 0 or start == train_steps) and start not in [
+        r["step"] for r in eval_lib.read_history(model_dir)]:
+      evaluator.run(state.params, start, model_dir)
   progress = metrics_lib.Progress(train_steps, start)
   preempt = _Preemption(jax.process_count())
   trajectory = config_lib.Trajectory(model_dir, start) if doremi else None
@@ -169,7 +203,9 @@ def train(model_dir: str = gin.REQUIRED, *, mixture_or_task_name: str = gin.REQU
     pending = (step + 1, step_metrics)
     step += 1
     stopping = preempt.requested or (jax.process_count() > 1 and ckpt.reached_preemption(step))
-    if step % log_every == 0 or step == end or stopping:
+    saving = step % checkpoint_every == 0 or stopping or step == end
+    # A checkpoint never holds a state whose metrics (and NaN check) are still unread.
+    if step % log_every == 0 or saving:
       last, tokens = _consume(pending, domains, trajectory, tokens)
       pending = None
       elapsed, t_log = time.time() - t_log, time.time()
@@ -183,10 +219,10 @@ def train(model_dir: str = gin.REQUIRED, *, mixture_or_task_name: str = gin.REQU
       if not progress.enabled and jax.process_index() == 0:
         logging.info("step %d/%d loss %.4f  %.0f tokens/s", step, train_steps, last["loss"],
                      last["tokens_per_second"])
+    if saving:
+      ckpt.save(step, state, batches.get_state(), force=True)
     if evaluator is not None and (step % eval_every == 0 or step == train_steps):
       evaluator.run(state.params, step, model_dir)
-    if step % checkpoint_every == 0 or stopping or step == end:
-      ckpt.save(step, state, batches.get_state(), force=True)
     if stopping:
       logging.warning("preempted: checkpoint saved at step %d; exiting.", step)
       break
@@ -199,8 +235,9 @@ def train(model_dir: str = gin.REQUIRED, *, mixture_or_task_name: str = gin.REQU
     trajectory.flush()
     if step >= train_steps:
       config_lib.write_domain_weights(model_dir, state, info, doremi, steps=train_steps)
+  preempt.restore()
   ckpt_lib.barrier(f"train done: {model_dir}")  # outputs written by process 0 are complete
-  return {"step": step, **last}
+  return {"step": step, "preempted": preempt.requested and step < train_steps, **last}
 
 
 def _consume(pending, domains, trajectory, tokens):

@@ -65,7 +65,8 @@ def _reference_dir(tmp_path, model_cfg=None, mixture="demo_natural"):
   """A directory that looks like a finished reference run to DoReMi's checks."""
   ref = str(tmp_path / "ref")
   info = config_lib.run_info(model_cfg or TransformerConfig(), mixture,
-                             data_lib.domain_names(mixture), 32, kind="train")
+                             data_lib.domain_names(mixture), 32, kind="train",
+                             batch_size=8, random_seed=0)
   ckpt_lib.write_json(os.path.join(ref, ckpt_lib.RUN_INFO), info)
   return ref
 
