@@ -222,3 +222,37 @@ def test_cli_exit_code_and_stderr(tmp_path):
     assert match in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("binding", ["train.log_every=0", "train.checkpoint_every=0"])
+def test_interval_not_positive(tmp_path, no_compile, binding):
+  _fails(tmp_path / "run", [f"--gin.{binding}"], match=binding, no_compile=no_compile)
+
+
+def test_eval_batch_not_divisible(tmp_path, no_compile):
+  _fails(tmp_path / "run", ["--gin.train.eval_every=1", "--gin.train.eval_batch_size=12"],
+         match=["eval_batch_size=12", "data-parallel size 8"], no_compile=no_compile)
+
+
+def test_resume_with_another_batch_size_is_refused(trained, no_compile):
+  _fails(trained, ["--gin.BATCH_SIZE=32"], match=["different batch_size", "16", "32"],
+         no_compile=no_compile)
+
+
+def test_doremi_model_dir_is_the_reference(trained, no_compile):
+  _fails(trained, DOREMI + [f"--gin.REFERENCE_DIR='{trained}'"],
+         match=["MODEL_DIR and REFERENCE_DIR"], no_compile=no_compile)
+
+
+def test_pack_across_domains_needs_the_natural_mixture(tmp_path, no_compile):
+  _fails(tmp_path / "run", ["--gin.train.pack_across_domains=True",
+                            "--gin.MIXTURE_OR_TASK_NAME='demo_uniform'"],
+         match=["pack_across_domains", "demo_natural"], no_compile=no_compile)
+
+
+def test_byte_vocabulary_cache_key_is_stable_across_processes():
+  code = ("import seqio; from data_pipelines.vocab import vocab_key; "
+          "print(vocab_key(seqio.ByteVocabulary()))")
+  keys = {subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout.strip() for _ in range(2)}
+  assert keys == {"byte:0"}
