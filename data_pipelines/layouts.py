@@ -1,7 +1,8 @@
 """Shared helpers for corpora whose split comes from the directory layout."""
 import glob
+import logging
 import os
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from data_pipelines import sources
 
@@ -43,3 +44,19 @@ def domain_sources(data_dir: str, aliases, domain_field: str,
   return {v: sources.split_files_source(
       files, domain_field=domain_field, domain_value=v,
       on_malformed=on_malformed) for v in domain_values}
+
+
+def register_from_env(env_prefix: str, register: Callable[..., Any]):
+  """Calls register(data_dir, vocabulary=...) when $DOREMI_JAX_<PREFIX>_DIR is set.
+
+  $DOREMI_JAX_<PREFIX>_SPM names a SentencePiece model (local or gs://) for real runs;
+  bytes when unset. Returns the DomainSet, or None when the corpus is not configured.
+  """
+  from data_pipelines import vocab  # pylint: disable=g-import-not-at-top
+  data_dir = os.environ.get(f"DOREMI_JAX_{env_prefix}_DIR")
+  if not data_dir:
+    logging.info("%s: set DOREMI_JAX_%s_DIR or call register(data_dir) to register its "
+                 "tasks.", register.__module__, env_prefix)
+    return None
+  spm = os.environ.get(f"DOREMI_JAX_{env_prefix}_SPM")
+  return register(data_dir, vocabulary=vocab.get_vocabulary(spm) if spm else None)

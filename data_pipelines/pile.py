@@ -11,12 +11,8 @@ importing this module. Each domain's source scans all files and keeps its
 lines: for the full Pile, pre-split the files per domain and use
 data_pipelines.custom.register_directory instead.
 """
-import logging
-import os
-from typing import Optional
 
 from data_pipelines import core
-from data_pipelines import vocab
 from data_pipelines import layouts
 from data_pipelines import weights
 
@@ -46,15 +42,4 @@ def register(data_dir: str, *, vocabulary=None, name: str = "pile",
   return dset
 
 
-def _register_from_env() -> Optional[core.DomainSet]:
-  data_dir = os.environ.get("DOREMI_JAX_PILE_DIR")
-  if not data_dir:
-    logging.info("data_pipelines.pile: set DOREMI_JAX_PILE_DIR or call "
-                 "pile.register(data_dir) to register the Pile tasks.")
-    return None
-  # A SentencePiece model (local or gs://) for real runs; bytes when unset.
-  spm = os.environ.get("DOREMI_JAX_PILE_SPM")
-  return register(data_dir, vocabulary=vocab.get_vocabulary(spm) if spm else None)
-
-
-_register_from_env()
+layouts.register_from_env("PILE", register)

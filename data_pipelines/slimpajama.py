@@ -5,12 +5,8 @@ Layout: `<dir>/train/chunk*/*.jsonl.zst`, `<dir>/validation/chunk*/...`,
 stackexchange, wikipedia (the set names without "RedPajama"). Call
 `register(data_dir)` or set $DOREMI_JAX_SLIMPAJAMA_DIR before import.
 """
-import logging
-import os
-from typing import Optional
 
 from data_pipelines import core
-from data_pipelines import vocab
 from data_pipelines import layouts
 
 SET_NAMES = ("RedPajamaCommonCrawl", "RedPajamaC4", "RedPajamaGithub",
@@ -35,15 +31,4 @@ def register(data_dir: str, *, vocabulary=None, name: str = "slimpajama",
   return dset
 
 
-def _register_from_env() -> Optional[core.DomainSet]:
-  data_dir = os.environ.get("DOREMI_JAX_SLIMPAJAMA_DIR")
-  if not data_dir:
-    logging.info("data_pipelines.slimpajama: set DOREMI_JAX_SLIMPAJAMA_DIR or "
-                 "call slimpajama.register(data_dir).")
-    return None
-  # A SentencePiece model (local or gs://) for real runs; bytes when unset.
-  spm = os.environ.get("DOREMI_JAX_SLIMPAJAMA_SPM")
-  return register(data_dir, vocabulary=vocab.get_vocabulary(spm) if spm else None)
-
-
-_register_from_env()
+layouts.register_from_env("SLIMPAJAMA", register)
