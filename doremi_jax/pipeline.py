@@ -188,8 +188,23 @@ def pipeline(pipeline_dir: str = gin.REQUIRED, *, domain_set: str = gin.REQUIRED
   if jax.process_index() == 0:
     ckpt_lib.write_json(os.path.join(pipeline_dir, "study.json"), study)
     summary = _write_report(study, pipeline_dir)
-    logging.info("report: %s", os.path.join(pipeline_dir, "report.md"))
+    print(console_summary(summary, os.path.join(pipeline_dir, "report.md")), flush=True)
   return summary
+
+
+def console_summary(summary: dict, report_path: str) -> str:
+  """The verdicts in a few lines, for the terminal."""
+  lines = [f"DoReMi study {summary['name']}: DoReMi weights "
+           + ", ".join(f"{d} {w:.3f}" for d, w in summary["doremi_weights"].items())]
+  for name, b in summary.get("baselines", {}).items():
+    reach = (f"reaches its final average at {b['fraction_of_steps']:.0%} of the steps"
+             if b.get("fraction_of_steps") is not None else "never reaches its final average")
+    lines.append(
+        f"  vs {name}: average {b['verdict_average']} ({b['delta_average']:+.4f} nats), worst "
+        f"case {b['verdict_worst']} ({b['delta_worst']:+.4f}), better on "
+        f"{b['domains_better']}/{b['num_domains']} domains, {reach}")
+  lines.append(f"report: {report_path}")
+  return "\n".join(lines)
 
 
 def _scoped_doremi(reference_dir: str):
