@@ -60,29 +60,40 @@ def random_batch(rng, batch: int, seq_len: int, vocab: int, num_domains: int):
           "domain_ids": np.broadcast_to(domain[:, None], (batch, seq_len)).astype(np.int32)}
 
 
-def time_steps(cfg, batch: int, seq_len: int, n_steps: int, *, doremi: bool,
-               windows: int = 3) -> float:
-  """Median seconds per step (after compilation) of train_step or proxy_step."""
+def _runner(cfg, batch: int, seq_len: int, *, doremi: bool):
+  """A compiled, warmed-up step closure: run(n) does n steps and waits for them."""
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
   k = 7
   tr = trainer_lib.build_trainer(model_cfg=cfg, mesh=mesh, global_batch_size=batch,
                                  seq_len=seq_len, total_steps=1000,
                                  step_cfg=steps.StepConfig(num_domains=k),
                                  ref_model_cfg=cfg if doremi else None)
-  state = tr.init_fn(jax.random.key(0))
+  box = {"state": tr.init_fn(jax.random.key(0))}
   ref = tr.init_fn(jax.random.key(1)).params if doremi else None
   b = tr.make_batch(random_batch(np.random.default_rng(0), batch, seq_len, cfg.vocab_size, k))
-  for _ in range(2):  # compile + warm
-    state, m = tr.step_fn(*trainer_lib.step_args(tr, state, b, ref))
-  jax.block_until_ready(m)
-  per_step = []
-  for _ in range(windows):
+
+  def run(n: int) -> float:
     t = time.perf_counter()
-    for _ in range(n_steps):
-      state, m = tr.step_fn(*trainer_lib.step_args(tr, state, b, ref))
+    for _ in range(n):
+      box["state"], m = tr.step_fn(*trainer_lib.step_args(tr, box["state"], b, ref))
     jax.block_until_ready(m)
-    per_step.append((time.perf_counter() - t) / n_steps)
-  return statistics.median(per_step)
+    return (time.perf_counter() - t) / n
+
+  run(2)  # compile + warm
+  return run
+
+
+def time_train_and_proxy(cfg, batch: int, seq_len: int, n_steps: int, windows: int = 3):
+  """Median seconds per train step, and the median proxy/train ratio over alternating
+  windows (so that machine load drifts affect both alike)."""
+  train, proxy = _runner(cfg, batch, seq_len, doremi=False), _runner(cfg, batch, seq_len,
+                                                                     doremi=True)
+  t_train, ratios = [], []
+  for _ in range(windows):
+    t = train(n_steps)
+    t_train.append(t)
+    ratios.append(proxy(n_steps) / t)
+  return statistics.median(t_train), statistics.median(ratios)
 
 
 def input_tokens_per_second(seq_len: int, batch: int) -> float:
@@ -109,14 +120,13 @@ def main(argv=None):
   tiny_tps = None
   for name in args.models.split(","):
     cfg, batch, seq_len = MODELS[name]
-    t_train = time_steps(cfg, batch, seq_len, n, doremi=False)
-    t_proxy = time_steps(cfg, batch, seq_len, n, doremi=True)
+    t_train, ratio = time_train_and_proxy(cfg, batch, seq_len, n)
     tps = batch * seq_len / t_train
     flops = cfg.flops_per_token(seq_len) * tps
     if name == "tiny":
       tiny_tps = tps
     print(f"{name:<6} {cfg.num_params():>11,} {batch:>4}x{seq_len:<4} {tps:>12,.0f} "
-          f"{flops / 1e9:>14,.2f} {flops / peak:>6.1%} {t_proxy / t_train:>12.3f}")
+          f"{flops / 1e9:>14,.2f} {flops / peak:>6.1%} {ratio:>12.3f}")
   if tiny_tps is not None:
     cfg, batch, seq_len = MODELS["tiny"]
     in_tps = input_tokens_per_second(seq_len, batch)
