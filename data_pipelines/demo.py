@@ -74,13 +74,17 @@ def _take(docs, max_bytes: int, max_doc_bytes: int = 16_000):
   return out
 
 
-def _code_docs():
-  stdlib = os.path.dirname(os.__file__)
-  for name in sorted(os.listdir(stdlib)):
-    if name.endswith(".py"):
-      with open(os.path.join(stdlib, name), encoding="utf-8",
+def _files_in(directory: str, suffix: str):
+  """Texts of the files in `directory` ending in `suffix`, in name order."""
+  for name in sorted(os.listdir(directory)):
+    if name.endswith(suffix):
+      with open(os.path.join(directory, name), encoding="utf-8",
                 errors="replace") as f:
         yield f.read()
+
+
+def _code_docs():
+  return _files_in(os.path.dirname(os.__file__), ".py")
 
 
 def _docs_docs():
@@ -120,12 +124,7 @@ def _legal_docs():
   except ImportError as e:
     raise ImportError("Demo domain 'legal' needs the spdx package: "
                       "`pip install spdx`.") from e
-  data = os.path.join(os.path.dirname(spdx.__file__), "data")
-  for name in sorted(os.listdir(data)):
-    if name.endswith(".txt"):
-      with open(os.path.join(data, name), encoding="utf-8",
-                errors="replace") as f:
-        yield f.read()
+  yield from _files_in(os.path.join(os.path.dirname(spdx.__file__), "data"), ".txt")
 
 
 def _prose_docs():
