@@ -66,6 +66,18 @@ def _checkpoint_steps(model_dir):
   return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
 
 
+def _kill9_after_checkpoint(cmd, model_dir, step, log_path):
+  """Starts a run, waits for logged `step` and a checkpoint, then SIGKILLs it mid-run."""
+  with open(log_path, "w") as log:
+    proc = _start(cmd, log)
+    _wait_for_step(model_dir, step, proc)
+    while not _checkpoint_steps(model_dir):
+      time.sleep(0.02)
+    assert proc.poll() is None, "finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def _params(model_dir, step):
   """The saved parameters at `step`, as numpy arrays."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
@@ -101,14 +113,7 @@ def baseline(tmp_path_factory):
 
 def test_kill9_then_restart_equals_uninterrupted(baseline, tmp_path):
   model_dir = str(tmp_path / "run")
-  with open(tmp_path / "log", "w") as log:
-    proc = _start(_cmd(model_dir), log)
-    _wait_for_step(model_dir, 12, proc)
-    while not _checkpoint_steps(model_dir):
-      time.sleep(0.02)
-    assert proc.poll() is None, "finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+  _kill9_after_checkpoint(_cmd(model_dir), model_dir, 12, tmp_path / "log")
   killed_at = _metrics(model_dir)[-1]["step"]
   assert killed_at < STEPS
   _run(_cmd(model_dir))
@@ -151,14 +156,7 @@ def test_doremi_kill9_resume_same_weight_trajectory(tmp_path):
   _run(_cmd(ref, steps=3))
   steps = 40
   _run(_cmd(want, steps=steps, reference=ref))
-  with open(tmp_path / "log", "w") as log:
-    proc = _start(_cmd(got, steps=steps, reference=ref), log)
-    _wait_for_step(got, 8, proc)
-    while not _checkpoint_steps(got):
-      time.sleep(0.02)
-    assert proc.poll() is None, "finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+  _kill9_after_checkpoint(_cmd(got, steps=steps, reference=ref), got, 8, tmp_path / "log")
   _run(_cmd(got, steps=steps, reference=ref))
   _assert_same_run(got, want, steps=steps)
   assert _trajectory(got) == _trajectory(want)

@@ -208,21 +208,23 @@ def test_help():
   assert "--accelerator-type" in proc.stdout and "--dry-run" in proc.stdout
 
 
-def test_real_run_with_fake_gcloud(tmp_path):
-  """Without --dry-run: gcloud is called as printed, the tree is packed, logs are kept."""
+def _fake_gcloud(tmp_path, record: str, cases: str):
+  """A `gcloud` on PATH that records each call with `record`, then runs `cases`."""
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
-  calls = tmp_path / "calls"
   fake = bin_dir / "gcloud"
-  fake.write_text(
-      "#!/usr/bin/env bash\n"
-      f"printf '%s\\x1f' \"$@\" >> {calls}; echo >> {calls}\n"
-      "case \"$*\" in\n"
+  fake.write_text(f"#!/usr/bin/env bash\n{record}\ncase \"$*\" in\n{cases}esac\n")
+  fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+  return bin_dir, tmp_path / "calls"
+
+
+def test_real_run_with_fake_gcloud(tmp_path):
+  """Without --dry-run: gcloud is called as printed, the tree is packed, logs are kept."""
+  bin_dir, calls = _fake_gcloud(
+      tmp_path, f"printf '%s\\x1f' \"$@\" >> {tmp_path / 'calls'}; echo >> {tmp_path / 'calls'}",
       "  *'tpu-vm describe'*) exit 1 ;;\n"  # not there yet
       "  *'tpu-vm scp'*) cp \"$5\" " + str(tmp_path / "copied.tar.gz") + " ;;\n"
-      "  *'tpu-vm ssh'*python*) echo 'worker 0: step 1 loss 3.2' ;;\n"
-      "esac\n")
-  fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+      "  *'tpu-vm ssh'*python*) echo 'worker 0: step 1 loss 3.2' ;;\n")
   log_dir = tmp_path / "logs"
   proc = _run("--name", "f", "--zone", "z", "--accelerator-type", "v4-32", *BASE,
               "--model-dir", "gs://b/r", "--log-dir", str(log_dir), "--delete",
@@ -241,18 +243,10 @@ def test_real_run_with_fake_gcloud(tmp_path):
 
 
 def test_real_run_deletes_on_failure(tmp_path):
-  bin_dir = tmp_path / "bin"
-  bin_dir.mkdir()
-  calls = tmp_path / "calls"
-  fake = bin_dir / "gcloud"
-  fake.write_text(
-      "#!/usr/bin/env bash\n"
-      f"echo \"$*\" >> {calls}\n"
-      "case \"$*\" in\n"
+  bin_dir, calls = _fake_gcloud(
+      tmp_path, f"echo \"$*\" >> {tmp_path / 'calls'}",
       "  *'tpu-vm describe'*) echo READY ;;\n"
-      "  *'tpu-vm ssh'*python*) echo boom >&2; exit 7 ;;\n"
-      "esac\n")
-  fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+      "  *'tpu-vm ssh'*python*) echo boom >&2; exit 7 ;;\n")
   proc = _run("--name", "f", "--zone", "z", "--accelerator-type", "v4-8", *BASE,
               "--skip-install", "--log-dir", str(tmp_path / "logs"), "--delete",
               env={"PATH": f"{bin_dir}:/usr/bin:/bin"}, check=False)
