@@ -183,7 +183,7 @@ def register_domain_set(name: str,
                            preprocessors=preprocessors, output_features=feats)
     _TASK_TO_SET[task_name] = (set_name, dom)
   _DOMAIN_SETS[set_name] = dset
-  _NATURAL.pop(set_name, None)
+  _NATURAL_COUNTS.pop(set_name, None)
   if register_default_mixtures:
     register_mixture(f"{set_name}_uniform", {d: 1.0 for d in domains},
                      domain_set=set_name, overwrite=overwrite)
@@ -198,20 +198,50 @@ def register_domain_set(name: str,
   return dset
 
 
-_NATURAL: dict[str, dict[str, float]] = {}
+# ------------------------------------------------------ natural token counts
+# This module owns the train-split token counts behind every `{set}_natural` mixture
+# registered with lazy rates. The cache holds counts only (never normalized weights).
+_NATURAL_COUNTS: dict[str, dict[str, float]] = {}
 
 
-def set_natural_token_counts(set_name: str, counts: Mapping[str, int]) -> None:
-  """Supplies the train-split token counts behind `{set}_natural` (e.g. from
-  a packed cache) so that its rates need no extra pass over the data."""
-  _NATURAL[set_name] = {d: float(c) for d, c in counts.items()}
+def count_tokens(domain_set_or_mixture: str, split: str = "train",
+                 max_examples_per_domain: Optional[int] = None) -> dict[str, int]:
+  """Tokens after tokenization + EOS per domain (over the first examples)."""
+  out = {}
+  for dom, task in domain_tasks(domain_set_or_mixture):
+    ds = task.get_dataset(None, split=split, shuffle=False)
+    if max_examples_per_domain:
+      ds = ds.take(max_examples_per_domain)
+    ds = ds.map(lambda ex: tf.size(ex["targets"], out_type=tf.int64))
+    out[dom] = int(ds.reduce(tf.constant(0, tf.int64), lambda a, b: a + b))
+    if out[dom] == 0:
+      raise ValueError(f"Domain {dom!r} has no tokens in split {split!r}; "
+                       "check its source.")
+  return out
+
+
+def set_natural_token_counts(set_name: str, counts: Mapping[str, float]) -> None:
+  """Supplies the train-split token counts behind `{set}_natural`, so that its
+  lazy rates need no pass over the data (e.g. counts from a packed store)."""
+  _NATURAL_COUNTS[get_domain_set(set_name).name] = {
+      d: float(c) for d, c in counts.items()}
+
+
+def natural_token_counts(set_name: str) -> dict[str, float]:
+  """The set's train-split token counts: supplied, or counted once and kept."""
+  name = get_domain_set(set_name).name
+  if name not in _NATURAL_COUNTS:
+    _NATURAL_COUNTS[name] = {d: float(c) for d, c in count_tokens(name).items()}
+  return dict(_NATURAL_COUNTS[name])
+
+
+def _is_lazy_natural(rate) -> bool:
+  return getattr(rate, "func", None) is _lazy_natural_rate
 
 
 def _lazy_natural_rate(set_name: str, domain: str, unused_task=None) -> float:
-  if set_name not in _NATURAL:
-    from data_pipelines import weights  # pylint: disable=g-import-not-at-top
-    _NATURAL[set_name] = weights.natural_weights(set_name)
-  return _NATURAL[set_name][domain]
+  counts = natural_token_counts(set_name)
+  return counts[domain] / sum(counts.values())
 
 
 def register_mixture(name: str, rates: Mapping[str, Any], *,
@@ -289,10 +319,14 @@ def task_for_domain(mixture_or_task_name: str, domain: str) -> seqio.Task:
   return seqio.get_mixture_or_task(dset.task_name(d))
 
 
-def mixture_rates(mixture_or_task_name: str) -> dict[str, float]:
+def mixture_rates(mixture_or_task_name: str, *,
+                  natural_counts: Optional[Mapping[str, float]] = None
+                  ) -> dict[str, float]:
   """Normalized sampling rates {domain: rate} over the set's domains.
 
   Domains not in the mixture get 0. A single task gives weight 1 to itself.
+  natural_counts: train token counts that resolve lazily counted natural
+  rates (`{set}_natural` without published rates) without reading the data.
   """
   dset = get_domain_set(mixture_or_task_name)
   if mixture_or_task_name in _DOMAIN_SETS:
@@ -301,7 +335,12 @@ def mixture_rates(mixture_or_task_name: str) -> dict[str, float]:
   rates = {d: 0.0 for d in dset.domains}
   if isinstance(provider, seqio.Mixture):
     for task in provider.tasks:
-      rates[_TASK_TO_SET[task.name][1]] = float(provider.get_rate(task))
+      dom = _TASK_TO_SET[task.name][1]
+      rate = provider.rate_per_task_name.get(task.name)
+      if natural_counts is not None and _is_lazy_natural(rate):
+        rates[dom] = float(natural_counts[dom])
+      else:
+        rates[dom] = float(provider.get_rate(task))
   else:
     rates[_TASK_TO_SET[mixture_or_task_name][1]] = 1.0
   total = sum(rates.values())

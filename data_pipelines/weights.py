@@ -59,6 +59,16 @@ def normalize(weights: Mapping[str, float]) -> dict[str, float]:
   return {k: v / total for k, v in weights.items()}
 
 
+def shipped_weights_path(name: str) -> str:
+  """The path of a weights file shipped with the package ("pile_baseline")."""
+  shipped = os.path.join(WEIGHTS_DIR, f"{name}.json")
+  if not os.path.exists(shipped):
+    raise FileNotFoundError(
+        f"Weights file not found: {name} (shipped: "
+        f"{sorted(f[:-5] for f in os.listdir(WEIGHTS_DIR))}).")
+  return shipped
+
+
 def read_weights(path: str, *, domains: Optional[Sequence[str]] = None
                  ) -> dict[str, float]:
   """Reads {"domains": {...}} from a JSON file (local or gs://), validated.
@@ -66,13 +76,7 @@ def read_weights(path: str, *, domains: Optional[Sequence[str]] = None
   A bare name ("pile_doremi_280m") resolves to a shipped weights file.
   """
   if not tf.io.gfile.exists(path):
-    shipped = os.path.join(WEIGHTS_DIR, f"{path}.json")
-    if os.path.exists(shipped):
-      path = shipped
-    else:
-      raise FileNotFoundError(
-          f"Weights file not found: {path} (shipped: "
-          f"{sorted(f[:-5] for f in os.listdir(WEIGHTS_DIR))}).")
+    path = shipped_weights_path(path)
   with tf.io.gfile.GFile(path) as f:
     try:
       data = json.load(f)
@@ -106,39 +110,25 @@ def uniform_weights(domains: Union[str, Sequence[str]]) -> dict[str, float]:
   return {d: 1.0 / len(domains) for d in domains}
 
 
-def token_counts(domain_set_or_mixture: str, split: str = "train",
-                 max_examples_per_domain: Optional[int] = None
-                 ) -> dict[str, int]:
-  """Tokens after tokenization + EOS per domain (over the first examples)."""
-  out = {}
-  for dom, task in core.domain_tasks(domain_set_or_mixture):
-    ds = task.get_dataset(None, split=split, shuffle=False)
-    if max_examples_per_domain:
-      ds = ds.take(max_examples_per_domain)
-    ds = ds.map(lambda ex: tf.size(ex["targets"], out_type=tf.int64))
-    out[dom] = int(ds.reduce(tf.constant(0, tf.int64), lambda a, b: a + b))
-    if out[dom] == 0:
-      raise ValueError(f"Domain {dom!r} has no tokens in split {split!r}; "
-                       "check its source.")
-  return out
-
-
 def natural_weights(domain_set_or_mixture: str, split: str = "train",
                     max_examples_per_domain: Optional[int] = None,
-                    epochs: Optional[Mapping[str, float]] = None
+                    epochs: Optional[Mapping[str, float]] = None, *,
+                    counts: Optional[Mapping[str, float]] = None
                     ) -> dict[str, float]:
   """Token proportions (optionally times per-domain epochs), normalized.
 
+  counts: per-domain token (or L-token row) counts to use, e.g. from the
+  packed training data; default: the train split's counts owned by
+  data_pipelines.core (counted once), or a count of `split`.
   With max_examples_per_domain, counts the first examples of each domain
   (a sample: proportions then reflect tokens per document, not domain size).
   """
-  set_name = core.get_domain_set(domain_set_or_mixture).name
-  cached = core._NATURAL.get(set_name)  # pylint: disable=protected-access
-  if split == "train" and not max_examples_per_domain and cached:
-    counts = dict(cached)  # From a packed cache or an earlier count.
-  else:
-    counts = token_counts(domain_set_or_mixture, split,
-                          max_examples_per_domain)
+  if counts is None:
+    if split == "train" and not max_examples_per_domain:
+      counts = core.natural_token_counts(domain_set_or_mixture)
+    else:
+      counts = core.count_tokens(domain_set_or_mixture, split,
+                                 max_examples_per_domain)
   epochs = {core.sanitize(k): float(v) for k, v in (epochs or {}).items()}
   validate_weights(epochs or {"_": 1.0}, domains=list(counts) + ["_"])
   return normalize({d: c * epochs.get(d, 1.0) for d, c in counts.items()})

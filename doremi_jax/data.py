@@ -111,7 +111,8 @@ class PackedDomains:
     self.arrays = arrays
     self.mixture_rates = mixture_rates
     self.split = split
-    self.sequence_length = sequence_length
+    self.sequence_length = int(sequence_length or
+                               next(iter(arrays.values()))["targets"].shape[1])
     self.num_sequences = {k: int(v["targets"].shape[0])
                           for k, v in arrays.items()}
     self.num_tokens = {k: int((v["segment_ids"] > 0).sum())
@@ -120,6 +121,14 @@ class PackedDomains:
   @property
   def mixed(self) -> bool:
     return MIXED_POOL in self.arrays
+
+  @property
+  def pools(self) -> list[str]:
+    return list(self.arrays)
+
+  def rows(self, pool: str, idx: np.ndarray) -> dict[str, np.ndarray]:
+    """Rows `idx` of a pool: every feature of FEATURES as [len(idx), L] int32."""
+    return {k: self.arrays[pool][k][idx] for k in FEATURES}
 
   @classmethod
   def build(cls, mixture_or_task_name: str, split: str, sequence_length: int,
@@ -193,9 +202,10 @@ class PackedDomains:
     from data_pipelines import core  # pylint: disable=g-import-not-at-top
     packed = cls(dset.domains, arrays, split=split,
                  sequence_length=sequence_length)
-    if split == "train" and not packed.mixed:
-      core.set_natural_token_counts(dset.name, packed.num_tokens)
-    packed.mixture_rates = core.mixture_rates(mixture_or_task_name)
+    # Lazily counted natural rates resolve to this split's packed token counts.
+    counts = packed.num_tokens if split == "train" and not packed.mixed else None
+    packed.mixture_rates = core.mixture_rates(mixture_or_task_name,
+                                              natural_counts=counts)
     return packed
 
 
@@ -229,7 +239,7 @@ class BatchIterator:
     self.seed = int(seed)
     self.process_index = process_index
     self.process_count = process_count
-    self.pools = list(packed.arrays)
+    self.pools = packed.pools
     for pool in self.pools:
       if packed.num_sequences[pool] == 0:
         raise ValueError(f"Domain {pool!r} has no sequences; add documents "
@@ -267,7 +277,7 @@ class BatchIterator:
         raise ValueError(f"Sampling weights must be >= 0 with a positive "
                          f"sum, got {dict(w)}.")
       self.probs = p / p.sum()
-    self._length = packed.arrays[self.pools[0]]["targets"].shape[1]
+    self._length = packed.sequence_length
     self._step = 0
     self._draws = np.zeros(k, np.int64)
     self._perm_cache: dict[tuple[int, int], np.ndarray] = {}
@@ -338,9 +348,9 @@ class BatchIterator:
       for epoch in np.unique(draws // n):
         sel = draws // n == epoch
         idx[sel] = self._perm(d, int(epoch))[draws[sel] % n]
-      arrays = self.packed.arrays[self.pools[d]]
+      got = self.packed.rows(self.pools[d], idx)
       for k in FEATURES:
-        out[k][rows] = arrays[k][idx]
+        out[k][rows] = got[k]
     self._step += 1
     return _finish(out)
 
@@ -356,19 +366,21 @@ def eval_batches(packed_validation: PackedDomains, batch_size: int,
   if batch_size % process_count:
     raise ValueError(f"batch_size={batch_size} is not divisible by "
                      f"process_count={process_count}.")
-  pools = list(packed_validation.arrays)
+  pools = packed_validation.pools
   total = sum(packed_validation.num_sequences[p] for p in pools)
   if total == 0:
     raise ValueError("No validation sequences in any domain.")
   b_host = batch_size // process_count
   locs = [(p, i) for p in pools
           for i in range(packed_validation.num_sequences[p])]
-  length = packed_validation.arrays[pools[0]]["targets"].shape[1]
+  length = packed_validation.sequence_length
   for start in range(0, total, batch_size):
     rows = locs[start + process_index * b_host:
                 min(start + (process_index + 1) * b_host, start + batch_size)]
     out = {k: np.zeros((b_host, length), np.int32) for k in FEATURES}
-    for j, (p, i) in enumerate(rows):
+    for pool in dict.fromkeys(p for p, _ in rows):
+      js = [j for j, (p, _) in enumerate(rows) if p == pool]
+      got = packed_validation.rows(pool, np.array([rows[j][1] for j in js], np.int64))
       for k in FEATURES:
-        out[k][j] = packed_validation.arrays[p][k][i]
+        out[k][js] = got[k]
     yield _finish(out)

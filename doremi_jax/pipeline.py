@@ -108,7 +108,8 @@ def pipeline(pipeline_dir: str = gin.REQUIRED, *, domain_set: str = gin.REQUIRED
              convergence_tol: float = 1e-3, baselines: Sequence[str] = BASELINES,
              unimax_max_epochs: float = 1.0, name: Optional[str] = None,
              main_steps: int = gin.REQUIRED, main_batch_size: int = gin.REQUIRED,
-             sequence_length: int = gin.REQUIRED, cache_dir: Optional[str] = None) -> dict:
+             sequence_length: int = gin.REQUIRED, cache_dir: Optional[str] = None,
+             natural_weights: str = "registered") -> dict:
   """Runs the study; returns the report's summary.
 
   reference_weights: "natural" or "uniform" (round 1's reference mixture), or a weights file.
@@ -116,6 +117,11 @@ def pipeline(pipeline_dir: str = gin.REQUIRED, *, domain_set: str = gin.REQUIRED
     early when max_i |avg_i - ref_i| < convergence_tol.
   main_steps / main_batch_size / sequence_length: the main runs' shared (equal) compute.
   cache_dir: the packed-data cache (default: train's default), shared by every stage.
+  natural_weights: what "natural" means (reference and baseline). "registered": the set's
+    `{set}_natural` mixture (this tokenizer's token proportions, or published weights such
+    as the Pile's baseline, which come from the paper's tokenizer). "counted": this
+    tokenizer's counts of packed L-token rows times the set's epochs (DomainSet metadata
+    "epochs", e.g. the Pile's), normalized: how Appendix C computes the baseline.
   """
   from data_pipelines import weights as weights_lib
   unknown = [b for b in baselines if b not in BASELINES]
@@ -123,14 +129,21 @@ def pipeline(pipeline_dir: str = gin.REQUIRED, *, domain_set: str = gin.REQUIRED
     raise ValueError(f"pipeline.baselines has unknown {unknown}: use some of {BASELINES}.")
   if max_rounds < 1:
     raise ValueError(f"pipeline.max_rounds={max_rounds}: at least one DoReMi round.")
+  if natural_weights not in ("registered", "counted"):
+    raise ValueError(f"pipeline.natural_weights={natural_weights!r}: use 'registered' or "
+                     f"'counted'.")
   domains = data_lib.domain_names(domain_set)
   from data_pipelines import core
   # Packing the train split once gives the token counts behind natural and UniMax weights.
   packed = data_lib.PackedDomains.build(domain_set, "train", sequence_length, cache_dir=cache_dir)
   token_counts = {d: packed.num_tokens[d] for d in packed.names}
+  if natural_weights == "counted":
+    natural = weights_lib.natural_weights(
+        domain_set, counts=packed.num_sequences,
+        epochs=core.get_domain_set(domain_set).metadata.get("epochs"))
+  else:  # token proportions of the set, or published ones (the Pile's baseline)
+    natural = core.mixture_rates(f"{domain_set}_natural", natural_counts=token_counts)
   del packed
-  # `{set}_natural`: token proportions of the set, or published ones (the Pile's baseline).
-  natural = core.mixture_rates(f"{domain_set}_natural")
   if reference_weights == "natural":
     ref_w = natural
   elif reference_weights == "uniform":

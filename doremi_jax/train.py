@@ -31,6 +31,7 @@ from doremi_jax import data as data_lib
 from doremi_jax import doremi as doremi_lib
 from doremi_jax import evaluate as eval_lib
 from doremi_jax import metrics as metrics_lib
+from doremi_jax import optim
 from doremi_jax import sharding as sharding_lib
 from doremi_jax import steps as steps_lib
 from doremi_jax import trainer as trainer_lib
@@ -87,6 +88,7 @@ def train(model_dir: str = gin.REQUIRED, *, mixture_or_task_name: str = gin.REQU
           checkpoint_every: int = 100, keep_checkpoints: int = 2, eval_every: int = 0,
           eval_batch_size: Optional[int] = None, eval_max_sequences: Optional[int] = None,
           doremi: Optional[DoReMiConfig] = None,
+          optimizer: optim.OptimizerConfig = optim.OptimizerConfig(),
           cache_dir: Optional[str] = None, pack_across_domains: bool = False,
           stop_after_steps: Optional[int] = None) -> dict:
   """Trains to `train_steps` (resuming from MODEL_DIR) and returns the last metrics.
@@ -134,7 +136,8 @@ def train(model_dir: str = gin.REQUIRED, *, mixture_or_task_name: str = gin.REQU
          if doremi else {}))
   trainer = build_trainer(model_cfg=model_cfg, mesh=mesh, global_batch_size=batch_size,
                           seq_len=seq_len, total_steps=train_steps, step_cfg=step_cfg,
-                          ref_model_cfg=ref_cfg, num_processes=jax.process_count(),
+                          opt_cfg=optimizer, ref_model_cfg=ref_cfg,
+                          num_processes=jax.process_count(),
                           initial_lambda=doremi.initial_lambda if doremi else 0.0)
 
   if pack_across_domains:

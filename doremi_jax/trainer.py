@@ -69,6 +69,7 @@ class Trainer:
   mesh: Mesh
   tx: Any
   schedule: Any
+  opt_cfg: optim.OptimizerConfig
   step_cfg: steps.StepConfig
   abstract_state: Any  # TrainState of ShapeDtypeStructs with shardings
   state_shardings: Any
@@ -131,6 +132,7 @@ def _with_shardings(abstract, shardings):
 
 def build_trainer(*, model_cfg: TransformerConfig, mesh: Mesh, global_batch_size: int,
                   seq_len: int, total_steps: int, step_cfg: steps.StepConfig,
+                  opt_cfg: optim.OptimizerConfig = optim.OptimizerConfig(),
                   rules=sharding_lib.DEFAULT_RULES,
                   ref_model_cfg: Optional[TransformerConfig] = None,
                   initial_alpha_K=None, initial_lambda: float = 0.0,
@@ -144,7 +146,7 @@ def build_trainer(*, model_cfg: TransformerConfig, mesh: Mesh, global_batch_size
                   seq_len=seq_len, accum_steps=step_cfg.accum_steps, total_steps=total_steps,
                   num_processes=num_processes)
   model = Transformer(model_cfg)
-  tx, schedule = optim.make_optimizer(total_steps)
+  tx, schedule = optim.make_optimizer(opt_cfg, total_steps)
   abstract_params, param_sh, dummy = _param_shardings(model, mesh, rules, seq_len)
   repl = sharding_lib.replicated(mesh)
   opt_sh = _opt_state_shardings(tx, abstract_params, param_sh, repl)
@@ -168,7 +170,7 @@ def build_trainer(*, model_cfg: TransformerConfig, mesh: Mesh, global_batch_size
   abstract_batch = {k: jax.ShapeDtypeStruct((global_batch_size, seq_len),
                                             _BATCH_DTYPES.get(k, jnp.int32), sharding=batch_sh)
                     for k in BATCH_KEYS}
-  trainer = Trainer(model_cfg=model_cfg, model=model, mesh=mesh, tx=tx, schedule=schedule,
+  trainer = Trainer(model_cfg=model_cfg, model=model, mesh=mesh, tx=tx, schedule=schedule, opt_cfg=opt_cfg,
                     step_cfg=step_cfg, abstract_state=abstract_state, state_shardings=state_sh,
                     batch_sharding=batch_sh, abstract_batch=abstract_batch, init_fn=init_fn,
                     step_fn=None, eval_fn=None)

@@ -173,6 +173,18 @@ def test_gin_mixture_files_parse():
   gin.clear_config()
 
 
+def test_natural_rates_from_explicit_counts(tiny_set):  # pylint: disable=redefined-outer-name,unused-argument
+  """Counts passed in resolve the lazily counted natural rates without reading data, and
+  nothing is cached as a side effect."""
+  from data_pipelines import core  # pylint: disable=g-import-not-at-top
+  before = dict(core._NATURAL_COUNTS)  # pylint: disable=protected-access
+  domains = data_pipelines.domain_names("tiny_set_natural")
+  counts = {d: float(i + 1) for i, d in enumerate(domains)}
+  rates = data_pipelines.mixture_rates("tiny_set_natural", natural_counts=counts)
+  assert rates == pytest.approx({d: c / sum(counts.values()) for d, c in counts.items()})
+  assert core._NATURAL_COUNTS == before  # pylint: disable=protected-access
+
+
 def test_demo_packed_and_natural_rates(small_demo):
   from doremi_jax import data  # pylint: disable=g-import-not-at-top
   packed = data.PackedDomains.build("demo_natural", "train", 64,

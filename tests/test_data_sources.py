@@ -50,6 +50,15 @@ def test_pile_layout(tmp_path):
   assert rates["pile_cc"] == pytest.approx(0.6057, abs=1e-3)
   assert data_pipelines.mixture_rates("pile_natural")["pile_cc"] == (
       pytest.approx(0.1121, abs=1e-3))
+  # Published rates stay published when counts are given; counts only fill lazy rates.
+  ones = {d: 1.0 for d in dset.domains}
+  assert data_pipelines.mixture_rates("pile_natural", natural_counts=ones)["pile_cc"] == (
+      pytest.approx(0.1121, abs=1e-3))
+  # pipeline.natural_weights='counted': this tokenizer's counts x the Pile's epochs.
+  counted = data_pipelines.natural_weights("pile", counts=ones,
+                                           epochs=dset.metadata["epochs"])
+  assert counted["wikipedia_en"] / counted["pile_cc"] == pytest.approx(3.0)
+  assert counted["gutenberg_pg_19"] / counted["books3"] == pytest.approx(2.5 / 1.5)
 
 
 def test_slimpajama_layout(tmp_path):

@@ -142,17 +142,33 @@ def test_model_files_build(model, capture, tmp_path):
   assert n == expect.num_params()
 
 
+# Table 9 of the paper: d_model, layers, heads, head dim, plain-MLP ff.
+_TABLE_9 = {"70m": (256, 3, 4, 64, 1024), "150m": (512, 6, 8, 64, 2048),
+            "280m": (768, 12, 12, 64, 3072), "510m": (1024, 12, 16, 64, 8192),
+            "760m": (1280, 12, 20, 64, 8192), "1b": (2048, 16, 32, 64, 8192),
+            "8b": (4096, 32, 32, 128, 24576)}
+
+
+def _table_9_params(d, layers, heads, head_dim, ff, vocab=256000):
+  """The paper's model (plain two-matrix MLP, tied embeddings), counted by hand."""
+  return layers * (4 * d * heads * head_dim + 2 * d * ff + 2 * d) + vocab * d + d
+
+
 def test_paper_sizes_in_model_files():
-  """Table 9 of the paper: d_model, layers, heads, ff."""
-  table = {"70m": (256, 3, 4, 1024), "150m": (512, 6, 8, 2048), "280m": (768, 12, 12, 3072),
-           "510m": (1024, 12, 16, 8192), "760m": (1280, 12, 20, 8192),
-           "1b": (2048, 16, 32, 8192), "8b": (4096, 32, 32, 24576)}
-  for name, dims in table.items():
+  """Table 9's dimensions, with the gated MLP at 2/3 of Table 9's ff, and the paper's
+  parameter count within 5% (the labels 70M ... 510M within 5% too)."""
+  labels = {"70m": 70e6, "150m": 150e6, "280m": 280e6, "510m": 510e6}
+  for name, (d, layers, heads, head_dim, ff) in _TABLE_9.items():
     _parse([f"models/{name}.gin"])
     cfg = TransformerConfig()
-    assert (cfg.emb_dim, cfg.num_layers, cfg.num_heads, cfg.mlp_dim) == dims, name
-  _parse(["models/8b.gin"])
-  assert TransformerConfig().head_dim == 128
+    assert (cfg.emb_dim, cfg.num_layers, cfg.num_heads, cfg.head_dim) == (
+        d, layers, heads, head_dim), name
+    assert abs(cfg.mlp_dim - 2 * ff / 3) <= 64 and cfg.mlp_dim % 128 == 0, name
+    paper = _table_9_params(d, layers, heads, head_dim, ff)
+    assert abs(cfg.num_params() / paper - 1) < 0.05, (name, cfg.num_params(), paper)
+    if name in labels:
+      assert abs(cfg.num_params() / labels[name] - 1) < 0.05, name
+  assert _table_9_params(*_TABLE_9["280m"]) == 281_561_856  # 280M (the gated ff3072: 310M)
   gin.clear_config()
 
 
