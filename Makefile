@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all bench clean
+.PHONY: demo test test-all bench format clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_train.py
+
+# One formatter for the repository (yapf, .style.yapf).
+format: $(STAMP)
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m yapf -i -r -p doremi_jax data_pipelines tests bench launch setup.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

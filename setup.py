@@ -1,12 +1,38 @@
-"""doremi_jax: DoReMi data-mixture optimization on a sharded JAX/Flax trainer."""
+"""doremi_jax: DoReMi data-mixture optimization on a sharded JAX/Flax trainer.
+
+The repository's top-level gin/ is the source of the gin files; the wheel and sdist ship
+them as the data package `doremi_jax.gin` (doremi_jax/gin/ once installed), found through
+the package by --gin_search_paths' defaults.
+"""
+import os
+import re
+
 import setuptools
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _version() -> str:
+  with open(os.path.join(_HERE, "doremi_jax", "__init__.py")) as f:
+    return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
 
 setuptools.setup(
     name="doremi_jax",
-    version="0.1.0",
-    description="DoReMi (Xie et al., 2023) domain reweighting for JAX/Flax LM pretraining on TPU pods.",
-    packages=setuptools.find_packages(include=["doremi_jax*", "data_pipelines*"]),
-    package_data={"": ["*.json"]},
+    version=_version(),
+    description="DoReMi (Xie et al., 2023) domain reweighting for JAX/Flax LM pretraining "
+    "on TPU pods.",
+    long_description=open(os.path.join(_HERE, "README.md")).read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=setuptools.find_packages(
+        include=["doremi_jax", "doremi_jax.*", "data_pipelines", "data_pipelines.*"]) +
+    ["doremi_jax.gin"],
+    package_dir={"doremi_jax.gin": "gin"},
+    package_data={
+        "data_pipelines": ["weights/*.json"],
+        "doremi_jax.gin": ["*/*.gin"]
+    },
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.4.35",
@@ -28,5 +54,15 @@ setuptools.setup(
         # libtpu lets the compile-check tests build TPU topologies on a CPU host.
         "test": ["pytest>=7", "pytest-timeout", "jax[tpu]"],
         "tpu": ["jax[tpu]"],
+        "dev": ["yapf==0.43.0"],
+    },
+    entry_points={
+        "console_scripts": [
+            "doremi-train = doremi_jax.cli:train",
+            "doremi-evaluate = doremi_jax.cli:evaluate",
+            "doremi-pipeline = doremi_jax.cli:pipeline",
+            "doremi-compile-check = doremi_jax.cli:compile_check",
+            "doremi-train-spm = doremi_jax.cli:train_spm",
+        ],
     },
 )

@@ -21,18 +21,15 @@ from doremi_jax import data  # pylint: disable=g-import-not-at-top
 def build_packed(mixture: str, seq_len: int, cache_dir=None):
   """Returns (PackedDomains, seconds) for the training split."""
   t = time.perf_counter()
-  packed = data.PackedDomains.build(mixture, "train", seq_len,
-                                    cache_dir=cache_dir)
+  packed = data.PackedDomains.build(mixture, "train", seq_len, cache_dir=cache_dir)
   return packed, time.perf_counter() - t
 
 
-def measure_input_tokens_per_second(packed: data.PackedDomains,
-                                    batch_size: int, *, steps: int = 200,
-                                    sampling="stratified", seed: int = 0,
+def measure_input_tokens_per_second(packed: data.PackedDomains, batch_size: int, *,
+                                    steps: int = 200, sampling="stratified", seed: int = 0,
                                     warmup: int = 5) -> float:
   """Tokens (B x L, padding included) per second of BatchIterator.next()."""
-  it = data.BatchIterator(packed, global_batch_size=batch_size, seed=seed,
-                          sampling=sampling)
+  it = data.BatchIterator(packed, global_batch_size=batch_size, seed=seed, sampling=sampling)
   for _ in range(warmup):
     next(it)
   t = time.perf_counter()
@@ -62,8 +59,7 @@ def main(argv=None):
     print(f"cache L={seq_len}: build {cold:.2f}s, cached load {warm:.2f}s, "
           f"{tokens} tokens in {sum(packed.num_sequences.values())} sequences")
     for bs in (int(x) for x in args.batch_size.split(",")):
-      tps = measure_input_tokens_per_second(packed, bs, steps=args.steps,
-                                            sampling=args.sampling)
+      tps = measure_input_tokens_per_second(packed, bs, steps=args.steps, sampling=args.sampling)
       print(f"input L={seq_len} B={bs} sampling={args.sampling}: "
             f"{tps:,.0f} tokens/s")
 

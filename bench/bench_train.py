@@ -23,15 +23,17 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from doremi_jax import sharding, steps, trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+from doremi_jax import doremi as doremi_lib  # pylint: disable=g-import-not-at-top
+from doremi_jax import run as run_lib  # pylint: disable=g-import-not-at-top
+from doremi_jax import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
 from doremi_jax.model import TransformerConfig  # pylint: disable=g-import-not-at-top
 
 MODELS = {
     # name: (config, batch, seq_len)
-    "tiny": (TransformerConfig(vocab_size=259, emb_dim=64, num_heads=2, head_dim=32,
-                               num_layers=2, mlp_dim=256, max_len=2048), 16, 128),
-    "20m": (TransformerConfig(vocab_size=32000, emb_dim=384, num_heads=6, head_dim=64,
-                              num_layers=8, mlp_dim=1536, max_len=2048), 8, 256),
+    "tiny": (TransformerConfig(vocab_size=259, emb_dim=64, num_heads=2, head_dim=32, num_layers=2,
+                               mlp_dim=256, max_len=2048), 16, 128),
+    "20m": (TransformerConfig(vocab_size=32000, emb_dim=384, num_heads=6, head_dim=64, num_layers=8,
+                              mlp_dim=1536, max_len=2048), 8, 256),
 }
 
 
@@ -45,7 +47,7 @@ def matmul_flops_per_second(n: int = 2048, repeats: int = 5) -> float:
     t = time.perf_counter()
     f(a).block_until_ready()
     times.append(time.perf_counter() - t)
-  return 2 * n ** 3 / statistics.median(times)
+  return 2 * n**3 / statistics.median(times)
 
 
 def random_batch(rng, batch: int, seq_len: int, vocab: int, num_domains: int):
@@ -53,21 +55,23 @@ def random_batch(rng, batch: int, seq_len: int, vocab: int, num_domains: int):
   targets = rng.integers(3, vocab, size=(batch, seq_len), dtype=np.int32)
   inputs = np.concatenate([np.zeros((batch, 1), np.int32), targets[:, :-1]], axis=1)
   domain = (np.arange(batch) % num_domains + 1).astype(np.int32)
-  return {"inputs": inputs, "targets": targets,
-          "loss_mask": np.ones((batch, seq_len), np.float32),
-          "segment_ids": np.ones((batch, seq_len), np.int32),
-          "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)),
-          "domain_ids": np.broadcast_to(domain[:, None], (batch, seq_len)).astype(np.int32)}
+  return {
+      "inputs": inputs,
+      "targets": targets,
+      "loss_mask": np.ones((batch, seq_len), np.float32),
+      "segment_ids": np.ones((batch, seq_len), np.int32),
+      "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)),
+      "domain_ids": np.broadcast_to(domain[:, None], (batch, seq_len)).astype(np.int32)
+  }
 
 
 def _runner(cfg, batch: int, seq_len: int, *, doremi: bool):
   """A compiled, warmed-up step closure: run(n) does n steps and waits for them."""
-  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
   k = 7
-  tr = trainer_lib.build_trainer(model_cfg=cfg, mesh=mesh, global_batch_size=batch,
-                                 seq_len=seq_len, total_steps=1000,
-                                 step_cfg=steps.StepConfig(num_domains=k),
-                                 ref_model_cfg=cfg if doremi else None)
+  run_cfg = run_lib.RunConfig(model_dir=None, mixture_or_task_name=None, seq_len=seq_len,
+                              train_steps=1000, batch_size=batch, model=cfg, mesh_shape=(1, 1, 1),
+                              doremi=doremi_lib.DoReMiConfig() if doremi else None)
+  tr = run_lib.build_run(run_cfg, devices=jax.devices()[:1], abstract=True, num_domains=k).trainer
   box = {"state": tr.init_fn(jax.random.key(0))}
   ref = tr.init_fn(jax.random.key(1)).params if doremi else None
   b = tr.make_batch(random_batch(np.random.default_rng(0), batch, seq_len, cfg.vocab_size, k))

@@ -53,13 +53,11 @@ class DomainSet:
     return self.domains.index(domain) + 1
 
   def tasks(self) -> list[tuple[str, seqio.Task]]:
-    return [(d, seqio.get_mixture_or_task(self.task_name(d)))
-            for d in self.domains]
+    return [(d, seqio.get_mixture_or_task(self.task_name(d))) for d in self.domains]
 
 
 _DOMAIN_SETS: dict[str, DomainSet] = {}
 _TASK_TO_SET: dict[str, tuple[str, str]] = {}
-
 
 # ------------------------------------------------------------- preprocessors
 
@@ -69,16 +67,14 @@ def add_domain_ids(ds: tf.data.Dataset, domain_id: int) -> tf.data.Dataset:
 
   def _fn(ex):
     ex = dict(ex)
-    ex[DOMAIN_IDS] = tf.fill(tf.shape(ex["targets"]), tf.constant(
-        domain_id, tf.int32))
+    ex[DOMAIN_IDS] = tf.fill(tf.shape(ex["targets"]), tf.constant(domain_id, tf.int32))
     return ex
 
   return ds.map(_fn, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def split_to_targets_length(ds: tf.data.Dataset,
-                            sequence_length: Optional[Mapping[str, int]] = None
-                            ) -> tf.data.Dataset:
+                            sequence_length: Optional[Mapping[str, int]] = None) -> tf.data.Dataset:
   """Splits long documents into chunks of sequence_length['targets'].
 
   SeqIO's packing truncates; this keeps every token of a long document. It is
@@ -93,10 +89,11 @@ def split_to_targets_length(ds: tf.data.Dataset,
     full = n // length
     rest = n - full * length
     row_lengths = tf.concat(
-        [tf.fill([full], length), tf.reshape(rest, [1])[:tf.cast(
-            rest > 0, tf.int32)]], 0)
-    pieces = {k: tf.RaggedTensor.from_row_lengths(ex[k], row_lengths)
-              for k in ("targets", DOMAIN_IDS)}
+        [tf.fill([full], length),
+         tf.reshape(rest, [1])[:tf.cast(rest > 0, tf.int32)]], 0)
+    pieces = {
+        k: tf.RaggedTensor.from_row_lengths(ex[k], row_lengths) for k in ("targets", DOMAIN_IDS)
+    }
     return tf.data.Dataset.from_tensor_slices(pieces)
 
   return ds.flat_map(_split)
@@ -105,24 +102,21 @@ def split_to_targets_length(ds: tf.data.Dataset,
 # -------------------------------------------------------------- registration
 
 
-def output_features(vocabulary: seqio.Vocabulary
-                    ) -> dict[str, seqio.Feature]:
+def output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:
   return {
-      "targets": seqio.Feature(vocabulary=vocabulary, add_eos=True,
-                               dtype=tf.int32),
-      DOMAIN_IDS: seqio.Feature(vocabulary=seqio.PassThroughVocabulary(1),
-                                add_eos=False, required=False, dtype=tf.int32),
+      "targets":
+          seqio.Feature(vocabulary=vocabulary, add_eos=True, dtype=tf.int32),
+      DOMAIN_IDS:
+          seqio.Feature(
+              vocabulary=seqio.PassThroughVocabulary(1), add_eos=False, required=False,
+              dtype=tf.int32),
   }
 
 
-def register_domain_set(name: str,
-                        sources: Union[Mapping[str, seqio.DataSource],
-                                       Sequence[tuple[str, seqio.DataSource]]],
-                        *,
-                        vocabulary: Optional[seqio.Vocabulary] = None,
-                        text_key: str = "text",
-                        chunk_long_documents: bool = True,
-                        register_default_mixtures: bool = True,
+def register_domain_set(name: str, sources: Union[Mapping[str, seqio.DataSource],
+                                                  Sequence[tuple[str, seqio.DataSource]]], *,
+                        vocabulary: Optional[seqio.Vocabulary] = None, text_key: str = "text",
+                        chunk_long_documents: bool = True, register_default_mixtures: bool = True,
                         natural_rates: Optional[Mapping[str, float]] = None,
                         metadata: Optional[Mapping[str, Any]] = None,
                         overwrite: bool = True) -> DomainSet:
@@ -147,12 +141,34 @@ def register_domain_set(name: str,
     The DomainSet.
   """
   set_name = sanitize(name)
-  items = list(sources.items()) if isinstance(sources, Mapping) else list(
-      sources)
+  srcs, original = _sanitized_sources(name, sources)
+  # Domain order = SeqIO's sorted task-name order.
+  domains = sorted(srcs, key=lambda d: f"{set_name}_{d}")
+  vocabulary = vocabulary or seqio.ByteVocabulary()
+  dset = DomainSet(set_name, domains, original, srcs, vocabulary, dict(metadata or {}))
+  for i, dom in enumerate(domains):
+    _register_task(dset, dom, i + 1, text_key=text_key, chunk_long_documents=chunk_long_documents,
+                   overwrite=overwrite)
+  _DOMAIN_SETS[set_name] = dset
+  _NATURAL_COUNTS.pop(set_name, None)
+  if register_default_mixtures:
+    register_mixture(f"{set_name}_uniform", {d: 1.0 for d in domains}, domain_set=set_name,
+                     overwrite=overwrite)
+    if natural_rates is not None:
+      rates = {sanitize(k): float(v) for k, v in natural_rates.items()}
+    else:
+      rates = {d: functools.partial(_lazy_natural_rate, set_name, d) for d in domains}
+    register_mixture(f"{set_name}_natural", rates, domain_set=set_name, overwrite=overwrite)
+  logging.info("Registered domain set %s: %s", set_name, domains)
+  return dset
+
+
+def _sanitized_sources(name: str, sources) -> tuple[dict, dict]:
+  """({sanitized domain: source}, {sanitized domain: name as given})."""
+  items = list(sources.items()) if isinstance(sources, Mapping) else list(sources)
   if not items:
     raise ValueError(f"Domain set {name!r} has no domains.")
-  original = {}
-  srcs = {}
+  original, srcs = {}, {}
   for dom, src in items:
     s = sanitize(dom)
     if s in original:
@@ -160,42 +176,26 @@ def register_domain_set(name: str,
                        f"{dom!r} both sanitize to {s!r}; rename one.")
     original[s] = dom
     srcs[s] = src
-  # Domain order = SeqIO's sorted task-name order.
-  domains = sorted(srcs, key=lambda d: f"{set_name}_{d}")
-  vocabulary = vocabulary or seqio.ByteVocabulary()
-  dset = DomainSet(set_name, domains, original, srcs, vocabulary,
-                   dict(metadata or {}))
-  feats = output_features(vocabulary)
-  for i, dom in enumerate(domains):
-    task_name = dset.task_name(dom)
-    if overwrite:
-      seqio.TaskRegistry.remove(task_name)
-    preprocessors = [
-        functools.partial(seqio.preprocessors.rekey,
-                          key_map={"targets": text_key}),
-        seqio.preprocessors.tokenize,
-        seqio.preprocessors.append_eos,
-        functools.partial(add_domain_ids, domain_id=i + 1),
-    ]
-    if chunk_long_documents:
-      preprocessors.append(split_to_targets_length)
-    seqio.TaskRegistry.add(task_name, source=srcs[dom],
-                           preprocessors=preprocessors, output_features=feats)
-    _TASK_TO_SET[task_name] = (set_name, dom)
-  _DOMAIN_SETS[set_name] = dset
-  _NATURAL_COUNTS.pop(set_name, None)
-  if register_default_mixtures:
-    register_mixture(f"{set_name}_uniform", {d: 1.0 for d in domains},
-                     domain_set=set_name, overwrite=overwrite)
-    if natural_rates is not None:
-      rates = {sanitize(k): float(v) for k, v in natural_rates.items()}
-    else:
-      rates = {d: functools.partial(_lazy_natural_rate, set_name, d)
-               for d in domains}
-    register_mixture(f"{set_name}_natural", rates, domain_set=set_name,
-                     overwrite=overwrite)
-  logging.info("Registered domain set %s: %s", set_name, domains)
-  return dset
+  return srcs, original
+
+
+def _register_task(dset: DomainSet, dom: str, domain_id: int, *, text_key: str,
+                   chunk_long_documents: bool, overwrite: bool) -> None:
+  """The domain's SeqIO Task: rekey, tokenize, EOS, domain ids (and chunking)."""
+  task_name = dset.task_name(dom)
+  if overwrite:
+    seqio.TaskRegistry.remove(task_name)
+  preprocessors = [
+      functools.partial(seqio.preprocessors.rekey, key_map={"targets": text_key}),
+      seqio.preprocessors.tokenize,
+      seqio.preprocessors.append_eos,
+      functools.partial(add_domain_ids, domain_id=domain_id),
+  ]
+  if chunk_long_documents:
+    preprocessors.append(split_to_targets_length)
+  seqio.TaskRegistry.add(task_name, source=dset.sources[dom], preprocessors=preprocessors,
+                         output_features=output_features(dset.vocabulary))
+  _TASK_TO_SET[task_name] = (dset.name, dom)
 
 
 # ------------------------------------------------------ natural token counts
@@ -223,8 +223,7 @@ def count_tokens(domain_set_or_mixture: str, split: str = "train",
 def set_natural_token_counts(set_name: str, counts: Mapping[str, float]) -> None:
   """Supplies the train-split token counts behind `{set}_natural`, so that its
   lazy rates need no pass over the data (e.g. counts from a packed store)."""
-  _NATURAL_COUNTS[get_domain_set(set_name).name] = {
-      d: float(c) for d, c in counts.items()}
+  _NATURAL_COUNTS[get_domain_set(set_name).name] = {d: float(c) for d, c in counts.items()}
 
 
 def natural_token_counts(set_name: str) -> dict[str, float]:
@@ -244,8 +243,8 @@ def _lazy_natural_rate(set_name: str, domain: str, unused_task=None) -> float:
   return counts[domain] / sum(counts.values())
 
 
-def register_mixture(name: str, rates: Mapping[str, Any], *,
-                     domain_set: str, overwrite: bool = True) -> seqio.Mixture:
+def register_mixture(name: str, rates: Mapping[str, Any], *, domain_set: str,
+                     overwrite: bool = True) -> seqio.Mixture:
   """Registers a mixture over (a subset of) a domain set's tasks.
 
   Args:
@@ -260,9 +259,8 @@ def register_mixture(name: str, rates: Mapping[str, Any], *,
   tasks = []
   for dom, rate in rates.items():
     if dom not in lookup and sanitize(dom) not in lookup:
-      raise ValueError(
-          f"Mixture {name!r}: unknown domain {dom!r} for domain set "
-          f"{dset.name!r}; known domains: {dset.domains}.")
+      raise ValueError(f"Mixture {name!r}: unknown domain {dom!r} for domain set "
+                       f"{dset.name!r}; known domains: {dset.domains}.")
     d = lookup.get(dom, sanitize(dom))
     tasks.append((dset.task_name(d), rate))
   if overwrite:
@@ -282,18 +280,15 @@ def get_domain_set(name_or_mixture: str) -> DomainSet:
   try:
     provider = seqio.get_mixture_or_task(name_or_mixture)
   except ValueError as e:
-    raise ValueError(
-        f"{name_or_mixture!r} is not a registered domain set, task or "
-        "mixture; import its module first (e.g. `import data_pipelines.demo`)."
-    ) from e
+    raise ValueError(f"{name_or_mixture!r} is not a registered domain set, task or "
+                     "mixture; import its module first (e.g. `import data_pipelines.demo`).") from e
   tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
   sets = {_TASK_TO_SET[t.name][0] for t in tasks if t.name in _TASK_TO_SET}
   unknown = [t.name for t in tasks if t.name not in _TASK_TO_SET]
   if unknown or len(sets) != 1:
-    raise ValueError(
-        f"{name_or_mixture!r} must consist of tasks of exactly one domain set "
-        f"registered with data_pipelines (unknown tasks: {unknown}, "
-        f"sets: {sorted(sets)}).")
+    raise ValueError(f"{name_or_mixture!r} must consist of tasks of exactly one domain set "
+                     f"registered with data_pipelines (unknown tasks: {unknown}, "
+                     f"sets: {sorted(sets)}).")
   return _DOMAIN_SETS[sets.pop()]
 
 
@@ -320,8 +315,7 @@ def task_for_domain(mixture_or_task_name: str, domain: str) -> seqio.Task:
 
 
 def mixture_rates(mixture_or_task_name: str, *,
-                  natural_counts: Optional[Mapping[str, float]] = None
-                  ) -> dict[str, float]:
+                  natural_counts: Optional[Mapping[str, float]] = None) -> dict[str, float]:
   """Normalized sampling rates {domain: rate} over the set's domains.
 
   Domains not in the mixture get 0. A single task gives weight 1 to itself.

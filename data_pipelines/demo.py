@@ -29,15 +29,20 @@ from typing import Optional
 from data_pipelines import core
 from data_pipelines import sources
 
-DOMAINS = ("code", "docs", "structured", "legal", "prose", "noise",
-           "repetitive")
+DOMAINS = ("code", "docs", "structured", "legal", "prose", "noise", "repetitive")
 VERSION = 2
 # Domains differ in size, as real ones do, so that natural token proportions, uniform and
 # UniMax (epoch-capped) weights differ: each domain takes this fraction of the byte cap.
-SIZE_FRACTION = {"code": 1.0, "docs": 0.6, "structured": 0.5, "legal": 0.4, "prose": 0.25,
-                 "noise": 0.15, "repetitive": 0.1}
-_CONFIG = {"data_dir": None, "max_bytes_per_domain": 400_000,
-           "val_fraction": 0.08, "seed": 0}
+SIZE_FRACTION = {
+    "code": 1.0,
+    "docs": 0.6,
+    "structured": 0.5,
+    "legal": 0.4,
+    "prose": 0.25,
+    "noise": 0.15,
+    "repetitive": 0.1
+}
+_CONFIG = {"data_dir": None, "max_bytes_per_domain": 400_000, "val_fraction": 0.08, "seed": 0}
 _LOCK = threading.Lock()
 
 
@@ -46,8 +51,7 @@ def data_root() -> str:
       os.path.expanduser("~"), ".cache", "doremi_jax")
 
 
-def configure(data_dir: Optional[str] = None,
-              max_bytes_per_domain: Optional[int] = None,
+def configure(data_dir: Optional[str] = None, max_bytes_per_domain: Optional[int] = None,
               val_fraction: Optional[float] = None) -> None:
   """Sets where the corpus is cached and its size (before first use)."""
   if data_dir is not None:
@@ -78,8 +82,7 @@ def _files_in(directory: str, suffix: str):
   """Texts of the files in `directory` ending in `suffix`, in name order."""
   for name in sorted(os.listdir(directory)):
     if name.endswith(suffix):
-      with open(os.path.join(directory, name), encoding="utf-8",
-                errors="replace") as f:
+      with open(os.path.join(directory, name), encoding="utf-8", errors="replace") as f:
         yield f.read()
 
 
@@ -110,9 +113,12 @@ def _structured_docs(rows_per_doc: int = 48):
     if not name:
       continue
     rows.append("\t".join([
-        f"U+{cp:04X}", name, unicodedata.category(ch),
-        unicodedata.bidirectional(ch), str(unicodedata.combining(ch)),
-        unicodedata.decomposition(ch) or "-"]))
+        f"U+{cp:04X}", name,
+        unicodedata.category(ch),
+        unicodedata.bidirectional(ch),
+        str(unicodedata.combining(ch)),
+        unicodedata.decomposition(ch) or "-"
+    ]))
     if len(rows) == rows_per_doc:
       yield "\n".join(rows) + "\n"
       rows = []
@@ -161,18 +167,23 @@ def _repetitive_docs(seed: int):
 
 
 def _domain_docs(domain: str, seed: int):
-  return {"code": _code_docs, "docs": _docs_docs,
-          "structured": _structured_docs, "legal": _legal_docs,
-          "prose": _prose_docs, "noise": lambda: _noise_docs(seed),
-          "repetitive": lambda: _repetitive_docs(seed)}[domain]()
+  return {
+      "code": _code_docs,
+      "docs": _docs_docs,
+      "structured": _structured_docs,
+      "legal": _legal_docs,
+      "prose": _prose_docs,
+      "noise": lambda: _noise_docs(seed),
+      "repetitive": lambda: _repetitive_docs(seed)
+  }[domain]()
 
 
 def split_by_hash(docs, val_fraction: float):
   """(train, validation): validation = smallest-sha256 docs, >= 1 if n > 1."""
   if not docs:
     return [], []
-  keyed = sorted(range(len(docs)), key=lambda i: hashlib.sha256(
-      docs[i].encode("utf-8")).hexdigest())
+  keyed = sorted(
+      range(len(docs)), key=lambda i: hashlib.sha256(docs[i].encode("utf-8")).hexdigest())
   n_val = max(1, round(val_fraction * len(docs))) if len(docs) > 1 else 0
   val = set(keyed[:n_val])
   return ([d for i, d in enumerate(docs) if i not in val],
@@ -196,26 +207,32 @@ def build_corpus(out_dir: Optional[str] = None) -> dict:
         return json.load(f)
     os.makedirs(os.path.dirname(out_dir) or ".", exist_ok=True)
     tmp = tempfile.mkdtemp(dir=os.path.dirname(out_dir) or ".")
-    manifest = {"version": VERSION, "python": sys.version.split()[0],
-                "config": dict(_CONFIG, data_dir=None), "domains": {}}
+    manifest = {
+        "version": VERSION,
+        "python": sys.version.split()[0],
+        "config": dict(_CONFIG, data_dir=None),
+        "domains": {}
+    }
     for dom in DOMAINS:
-      docs = _take(_domain_docs(dom, _CONFIG["seed"]),
-                   int(SIZE_FRACTION[dom] * _CONFIG["max_bytes_per_domain"]))
+      docs = _take(
+          _domain_docs(dom, _CONFIG["seed"]),
+          int(SIZE_FRACTION[dom] * _CONFIG["max_bytes_per_domain"]))
       if not docs:
         raise ValueError(f"Demo domain {dom!r} produced no documents.")
       train, val = split_by_hash(docs, _CONFIG["val_fraction"])
       h = hashlib.sha256()
       for split, split_docs in (("train", train), ("validation", val)):
-        with open(os.path.join(tmp, f"{dom}.{split}.jsonl"), "w",
-                  encoding="utf-8") as f:
+        with open(os.path.join(tmp, f"{dom}.{split}.jsonl"), "w", encoding="utf-8") as f:
           for d in split_docs:
             line = json.dumps({"text": d}, ensure_ascii=False)
             h.update(line.encode("utf-8"))
             f.write(line + "\n")
       manifest["domains"][dom] = {
-          "sha256": h.hexdigest(), "train_documents": len(train),
+          "sha256": h.hexdigest(),
+          "train_documents": len(train),
           "validation_documents": len(val),
-          "bytes": sum(len(d.encode("utf-8")) for d in docs)}
+          "bytes": sum(len(d.encode("utf-8")) for d in docs)
+      }
     with open(os.path.join(tmp, "manifest.json"), "w") as f:
       json.dump(manifest, f, indent=1, sort_keys=True)
     try:
@@ -228,18 +245,21 @@ def build_corpus(out_dir: Optional[str] = None) -> dict:
 
 def fingerprint() -> str:
   m = build_corpus()
-  return hashlib.sha256(json.dumps(
-      {d: v["sha256"] for d, v in m["domains"].items()},
-      sort_keys=True).encode()).hexdigest()[:16]
+  return hashlib.sha256(
+      json.dumps({
+          d: v["sha256"] for d, v in m["domains"].items()
+      }, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _texts_fn(domain: str):
+
   def texts(split):
     sources._check_split(split, sources.DEFAULT_SPLITS)  # pylint: disable=protected-access
     build_corpus()
     path = os.path.join(corpus_dir(), f"{domain}.{split}.jsonl")
     for obj in sources.iter_jsonl(path):
       yield obj["text"]
+
   return texts
 
 
@@ -251,8 +271,10 @@ def register(vocabulary=None, name: str = "demo") -> core.DomainSet:
     src.fingerprint = fingerprint  # pytype: disable=attribute-error
     srcs[dom] = src
   return core.register_domain_set(
-      name, srcs, vocabulary=vocabulary,
-      metadata={"description": "embedded demo corpus", "version": VERSION})
+      name, srcs, vocabulary=vocabulary, metadata={
+          "description": "embedded demo corpus",
+          "version": VERSION
+      })
 
 
 register()

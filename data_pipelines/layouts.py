@@ -9,8 +9,7 @@ from data_pipelines import sources
 _SUFFIXES = (".jsonl.zst", ".jsonl", ".json.zst", ".jsonl.gz")
 
 
-def split_files(data_dir: str, aliases: Mapping[str, Sequence[str]]
-                ) -> dict[str, list[str]]:
+def split_files(data_dir: str, aliases: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
   """{split: files} from `<dir>/<alias>/**` or `<dir>/<alias>.jsonl[.zst]`.
 
   Raises:
@@ -24,26 +23,28 @@ def split_files(data_dir: str, aliases: Mapping[str, Sequence[str]]
     for name in names:
       d = os.path.join(data_dir, name)
       if os.path.isdir(d):
-        files += [p for p in glob.glob(os.path.join(d, "**", "*"),
-                                       recursive=True)
-                  if p.endswith(_SUFFIXES)]
+        files += [
+            p for p in glob.glob(os.path.join(d, "**", "*"), recursive=True)
+            if p.endswith(_SUFFIXES)
+        ]
       files += [d + s for s in _SUFFIXES if os.path.isfile(d + s)]
     if files:
       out[split] = sorted(files)
   if "train" not in out:
-    raise FileNotFoundError(
-        f"No training files in {data_dir}: expected {aliases['train'][0]}/"
-        "*.jsonl.zst (or .jsonl).")
+    raise FileNotFoundError(f"No training files in {data_dir}: expected {aliases['train'][0]}/"
+                            "*.jsonl.zst (or .jsonl).")
   return out
 
 
-def domain_sources(data_dir: str, aliases, domain_field: str,
-                   domain_values: Sequence[str], on_malformed: str = "error"):
+def domain_sources(data_dir: str, aliases, domain_field: str, domain_values: Sequence[str],
+                   on_malformed: str = "error"):
   """{domain value: source} filtering every file of the layout by field."""
   files = split_files(data_dir, aliases)
-  return {v: sources.split_files_source(
-      files, domain_field=domain_field, domain_value=v,
-      on_malformed=on_malformed) for v in domain_values}
+  return {
+      v:
+          sources.split_files_source(files, domain_field=domain_field, domain_value=v,
+                                     on_malformed=on_malformed) for v in domain_values
+  }
 
 
 def register_from_env(env_prefix: str, register: Callable[..., Any]):

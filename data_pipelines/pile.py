@@ -18,32 +18,31 @@ from data_pipelines import core
 from data_pipelines import layouts
 from data_pipelines import weights
 
-PILE_SET_NAMES = (
-    "Pile-CC", "PubMed Central", "Books3", "OpenWebText2", "ArXiv", "Github",
-    "FreeLaw", "StackExchange", "USPTO Backgrounds", "PubMed Abstracts",
-    "Gutenberg (PG-19)", "OpenSubtitles", "Wikipedia (en)", "DM Mathematics",
-    "Ubuntu IRC", "BookCorpus2", "EuroParl", "HackerNews", "YoutubeSubtitles",
-    "PhilPapers", "NIH ExPorter", "Enron Emails")
-SPLITS = {"train": ("train",), "validation": ("val", "validation"),
-          "test": ("test",)}
+PILE_SET_NAMES = ("Pile-CC", "PubMed Central", "Books3", "OpenWebText2", "ArXiv", "Github",
+                  "FreeLaw", "StackExchange", "USPTO Backgrounds", "PubMed Abstracts",
+                  "Gutenberg (PG-19)", "OpenSubtitles", "Wikipedia (en)", "DM Mathematics",
+                  "Ubuntu IRC", "BookCorpus2", "EuroParl", "HackerNews", "YoutubeSubtitles",
+                  "PhilPapers", "NIH ExPorter", "Enron Emails")
+SPLITS = {"train": ("train",), "validation": ("val", "validation"), "test": ("test",)}
 WEIGHT_FILES = ("pile_baseline", "pile_doremi_280m", "pile_doremi_1b")
 
 
 def register(data_dir: str, *, vocabulary=None, name: str = "pile",
              on_malformed: str = "error") -> core.DomainSet:
   """Registers `{name}_<domain>` tasks and the mixtures listed above."""
-  srcs = layouts.domain_sources(data_dir, SPLITS, "meta.pile_set_name",
-                                PILE_SET_NAMES, on_malformed)
+  srcs = layouts.domain_sources(data_dir, SPLITS, "meta.pile_set_name", PILE_SET_NAMES,
+                                on_malformed)
   baseline = weights.read_weights("pile_baseline")
-  epochs = weights.read_metadata(
-      weights.shipped_weights_path("pile_baseline"))["pile_epochs"]
+  epochs = weights.read_metadata(weights.shipped_weights_path("pile_baseline"))["pile_epochs"]
   dset = core.register_domain_set(
-      name, srcs, vocabulary=vocabulary, natural_rates=baseline,
-      metadata={"data_dir": data_dir, "domain_field": "meta.pile_set_name",
-                "epochs": epochs})
+      name, srcs, vocabulary=vocabulary, natural_rates=baseline, metadata={
+          "data_dir": data_dir,
+          "domain_field": "meta.pile_set_name",
+          "epochs": epochs
+      })
   for wf in WEIGHT_FILES:
-    weights.register_mixture_from_weights(
-        wf, f"{dset.name}{wf[len('pile'):]}", domain_set=dset.name)
+    weights.register_mixture_from_weights(wf, f"{dset.name}{wf[len('pile'):]}",
+                                          domain_set=dset.name)
   return dset
 
 

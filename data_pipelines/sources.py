@@ -95,9 +95,8 @@ def iter_jsonl(path: str, *, text_field: str = "text",
         if on_malformed == "skip":
           skipped += 1
           continue
-        raise ValueError(
-            f"{path}:{lineno}: malformed JSONL line ({e}). Fix or remove the "
-            "line, or pass on_malformed='skip' to skip such lines.") from None
+        raise ValueError(f"{path}:{lineno}: malformed JSONL line ({e}). Fix or remove the "
+                         "line, or pass on_malformed='skip' to skip such lines.") from None
       yield obj
   if skipped:
     logging.warning("%s: skipped %d malformed JSONL lines.", path, skipped)
@@ -124,10 +123,9 @@ def _fingerprint(paths: Sequence[str], *extra) -> str:
   return h.hexdigest()[:16]
 
 
-def generator_source(texts_fn: Callable[[str], Iterable[str]],
-                     splits: Sequence[str] = DEFAULT_SPLITS,
-                     fingerprint: Optional[str] = None
-                     ) -> seqio.FunctionDataSource:
+def generator_source(texts_fn: Callable[[str],
+                                        Iterable[str]], splits: Sequence[str] = DEFAULT_SPLITS,
+                     fingerprint: Optional[str] = None) -> seqio.FunctionDataSource:
   """A FunctionDataSource from a python function split -> documents.
 
   Files are read in a fixed order (shuffle_files is ignored; doremi_jax.data
@@ -136,9 +134,9 @@ def generator_source(texts_fn: Callable[[str], Iterable[str]],
 
   def dataset_fn(split, shuffle_files=False, seed=None):
     del shuffle_files, seed
-    return tf.data.Dataset.from_generator(
-        lambda: ({"text": t} for t in texts_fn(split)),
-        output_signature={"text": tf.TensorSpec([], tf.string)})
+    return tf.data.Dataset.from_generator(lambda: ({
+        "text": t
+    } for t in texts_fn(split)), output_signature={"text": tf.TensorSpec([], tf.string)})
 
   src = seqio.FunctionDataSource(dataset_fn, splits=list(splits))
   src.fingerprint = fingerprint  # pytype: disable=attribute-error
@@ -152,8 +150,7 @@ def _check_split(split: str, splits: Sequence[str]):
 
 
 def files_source(paths: Sequence[str], *, text_field: str = "text",
-                 domain_field: Optional[str] = None,
-                 domain_value: Optional[str] = None,
+                 domain_field: Optional[str] = None, domain_value: Optional[str] = None,
                  val_fraction: float = 0.05,
                  on_malformed: str = "error") -> seqio.FunctionDataSource:
   """Documents of JSONL/text files, hash-split into train/validation.
@@ -175,32 +172,27 @@ def files_source(paths: Sequence[str], *, text_field: str = "text",
   def texts(split):
     _check_split(split, DEFAULT_SPLITS)
     want_val = split == "validation"
-    for text in _iter_docs(paths, text_field, domain_field, domain_value,
-                           on_malformed):
+    for text in _iter_docs(paths, text_field, domain_field, domain_value, on_malformed):
       if in_validation(text, val_fraction) == want_val:
         yield text
 
-  return generator_source(texts, DEFAULT_SPLITS, _fingerprint(
-      paths, text_field, domain_field, domain_value, val_fraction))
+  return generator_source(texts, DEFAULT_SPLITS,
+                          _fingerprint(paths, text_field, domain_field, domain_value, val_fraction))
 
 
-def split_files_source(split_paths: Mapping[str, Sequence[str]], *,
-                       text_field: str = "text",
-                       domain_field: Optional[str] = None,
-                       domain_value: Optional[str] = None,
-                       on_malformed: str = "error"
-                       ) -> seqio.FunctionDataSource:
+def split_files_source(split_paths: Mapping[str, Sequence[str]], *, text_field: str = "text",
+                       domain_field: Optional[str] = None, domain_value: Optional[str] = None,
+                       on_malformed: str = "error") -> seqio.FunctionDataSource:
   """Documents of JSONL files whose split comes from the file layout."""
   split_paths = {k: sorted(v) for k, v in split_paths.items()}
 
   def texts(split):
     _check_split(split, list(split_paths))
-    yield from _iter_docs(split_paths[split], text_field, domain_field,
-                          domain_value, on_malformed)
+    yield from _iter_docs(split_paths[split], text_field, domain_field, domain_value, on_malformed)
 
   all_paths = [p for v in split_paths.values() for p in v]
-  return generator_source(texts, list(split_paths), _fingerprint(
-      all_paths, text_field, domain_field, domain_value))
+  return generator_source(texts, list(split_paths),
+                          _fingerprint(all_paths, text_field, domain_field, domain_value))
 
 
 def _iter_docs(paths, text_field, domain_field, domain_value, on_malformed):
@@ -208,20 +200,18 @@ def _iter_docs(paths, text_field, domain_field, domain_value, on_malformed):
     if path.endswith(TEXT_SUFFIXES):
       yield from iter_text_file(path, whole_file=True)
       continue
-    for obj in iter_jsonl(path, text_field=text_field,
-                          on_malformed=on_malformed):
+    for obj in iter_jsonl(path, text_field=text_field, on_malformed=on_malformed):
       if domain_field is None or get_field(obj, domain_field) == domain_value:
         yield get_field(obj, text_field)
 
 
 def _files_with_suffix(d: str, suffixes) -> list[str]:
   pattern = os.path.join(d, "**", "*")
-  return sorted(p for p in glob.glob(pattern, recursive=True)
-                if p.endswith(suffixes) and os.path.isfile(p))
+  return sorted(
+      p for p in glob.glob(pattern, recursive=True) if p.endswith(suffixes) and os.path.isfile(p))
 
 
-def directory_domains(data_dir: str, **kwargs
-                      ) -> dict[str, seqio.FunctionDataSource]:
+def directory_domains(data_dir: str, **kwargs) -> dict[str, seqio.FunctionDataSource]:
   """{domain: source} for a directory of per-domain files.
 
   Layouts (both may be mixed): `data_dir/<domain>.jsonl[.zst]` or
@@ -230,9 +220,8 @@ def directory_domains(data_dir: str, **kwargs
   .txt files (one document per .txt file there).
   """
   if not os.path.isdir(data_dir):
-    raise FileNotFoundError(
-        f"Domain directory not found: {data_dir}. Pass a directory holding "
-        "<domain>.jsonl files or <domain>/ subdirectories.")
+    raise FileNotFoundError(f"Domain directory not found: {data_dir}. Pass a directory holding "
+                            "<domain>.jsonl files or <domain>/ subdirectories.")
   out = {}
   for entry in sorted(os.listdir(data_dir)):
     path = os.path.join(data_dir, entry)
@@ -243,8 +232,7 @@ def directory_domains(data_dir: str, **kwargs
                          f"under {path}; add files or remove the directory.")
       out[entry] = files_source(files, **kwargs)
     elif entry.endswith(TEXT_SUFFIXES):
-      out[entry[:-4]] = _paragraph_source(path, kwargs.get("val_fraction",
-                                                           0.05))
+      out[entry[:-4]] = _paragraph_source(path, kwargs.get("val_fraction", 0.05))
     else:
       for suf in JSONL_SUFFIXES:
         if entry.endswith(suf):
@@ -257,13 +245,14 @@ def directory_domains(data_dir: str, **kwargs
 
 
 def _paragraph_source(path: str, val_fraction: float):
+
   def texts(split):
     _check_split(split, DEFAULT_SPLITS)
     for t in iter_text_file(path, whole_file=False):
       if in_validation(t, val_fraction) == (split == "validation"):
         yield t
-  return generator_source(texts, DEFAULT_SPLITS,
-                          _fingerprint([path], val_fraction))
+
+  return generator_source(texts, DEFAULT_SPLITS, _fingerprint([path], val_fraction))
 
 
 def jsonl_field_domains(paths: Sequence[str], domain_field: str, *,
@@ -287,16 +276,15 @@ def jsonl_field_domains(paths: Sequence[str], domain_field: str, *,
       raise ValueError(f"No line of {list(paths)} has the domain field "
                        f"{domain_field!r}; set domain_field to the right key.")
     domains = sorted(found)
-  return {d: files_source(paths, domain_field=domain_field, domain_value=d,
-                          **kwargs) for d in domains}
+  return {
+      d: files_source(paths, domain_field=domain_field, domain_value=d, **kwargs) for d in domains
+  }
 
 
 def tfds_source(name: str, *, data_dir: Optional[str] = None,
-                splits: Optional[Mapping[str, str]] = None
-                ) -> seqio.TfdsDataSource:
+                splits: Optional[Mapping[str, str]] = None) -> seqio.TfdsDataSource:
   """A thin seqio.TfdsDataSource for a prepared TFDS dataset ('name:version').
 
   Use with register_domain_set(..., text_key=<the dataset's text feature>).
   """
-  return seqio.TfdsDataSource(tfds_name=name, tfds_data_dir=data_dir,
-                              splits=splits)
+  return seqio.TfdsDataSource(tfds_name=name, tfds_data_dir=data_dir, splits=splits)

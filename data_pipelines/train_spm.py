@@ -29,20 +29,17 @@ def iter_mixture_text(mixture: str, split: str = "train",
     logging.info("train_spm: read domain %s", dom)
 
 
-def train(mixture: str, vocab_size: int, output: str, *,
-          split: str = "train", max_documents_per_domain: Optional[int] = None,
-          model_type: str = "unigram", character_coverage: float = 0.9995,
-          max_sentence_length: int = 16384) -> str:
+def train(mixture: str, vocab_size: int, output: str, *, split: str = "train",
+          max_documents_per_domain: Optional[int] = None, model_type: str = "unigram",
+          character_coverage: float = 0.9995, max_sentence_length: int = 16384) -> str:
   """Trains and writes `<output>.model` (local or gs://); returns its path."""
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(
-      sentence_iterator=(line for doc in iter_mixture_text(
-          mixture, split, max_documents_per_domain)
-                         for line in doc.splitlines() if line.strip()),
-      model_writer=model, vocab_size=vocab_size, model_type=model_type,
-      character_coverage=character_coverage, pad_id=0, eos_id=1, unk_id=2,
-      bos_id=-1, max_sentence_length=max_sentence_length,
+      sentence_iterator=(line for doc in iter_mixture_text(mixture, split, max_documents_per_domain)
+                         for line in doc.splitlines() if line.strip()), model_writer=model,
+      vocab_size=vocab_size, model_type=model_type, character_coverage=character_coverage, pad_id=0,
+      eos_id=1, unk_id=2, bos_id=-1, max_sentence_length=max_sentence_length,
       hard_vocab_limit=False, num_threads=os.cpu_count() or 1)
   path = output if output.endswith(".model") else output + ".model"
   d = os.path.dirname(path)
@@ -67,8 +64,7 @@ def main(argv=None):
   for m in args.module.split(","):
     importlib.import_module(m)
   path = train(args.mixture, args.vocab_size, args.output, split=args.split,
-               max_documents_per_domain=args.max_documents_per_domain,
-               model_type=args.model_type)
+               max_documents_per_domain=args.max_documents_per_domain, model_type=args.model_type)
   print(path)
 
 

@@ -13,14 +13,12 @@ def get_vocabulary(spec: Union[None, str, seqio.Vocabulary] = None,
   if spec is None or spec == "byte":
     return seqio.ByteVocabulary(extra_ids=extra_ids)
   if not tf.io.gfile.exists(spec):
-    raise FileNotFoundError(
-        f"SentencePiece model not found: {spec}. Train one with `python -m "
-        "data_pipelines.train_spm --mixture=... --output=...`.")
+    raise FileNotFoundError(f"SentencePiece model not found: {spec}. Train one with `python -m "
+                            "data_pipelines.train_spm --mixture=... --output=...`.")
   return seqio.SentencePieceVocabulary(spec, extra_ids=extra_ids)
 
 
-def sentencepiece_vocabulary(path: str, extra_ids: int = 0
-                             ) -> seqio.SentencePieceVocabulary:
+def sentencepiece_vocabulary(path: str, extra_ids: int = 0) -> seqio.SentencePieceVocabulary:
   return get_vocabulary(path, extra_ids)  # pytype: disable=bad-return-type
 
 

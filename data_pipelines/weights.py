@@ -21,8 +21,7 @@ def _where(source) -> str:
   return f" in {source}" if source else ""
 
 
-def validate_weights(weights: Mapping[str, float], *,
-                     domains: Optional[Sequence[str]] = None,
+def validate_weights(weights: Mapping[str, float], *, domains: Optional[Sequence[str]] = None,
                      source: Optional[str] = None) -> dict[str, float]:
   """Checks names and values; returns {name: float(weight)}.
 
@@ -44,10 +43,9 @@ def validate_weights(weights: Mapping[str, float], *,
     known = set(domains)
     for name in out:
       if name not in known and core.sanitize(name) not in known:
-        raise ValueError(
-            f"Unknown domain {name!r}{_where(source)}; known domains: "
-            f"{sorted(known)}. Rename it or use the weights of the matching "
-            "domain set.")
+        raise ValueError(f"Unknown domain {name!r}{_where(source)}; known domains: "
+                         f"{sorted(known)}. Rename it or use the weights of the matching "
+                         "domain set.")
   if sum(out.values()) <= 0:
     raise ValueError(f"Weights{_where(source)} sum to 0; give at least one "
                      "domain a positive weight.")
@@ -63,14 +61,12 @@ def shipped_weights_path(name: str) -> str:
   """The path of a weights file shipped with the package ("pile_baseline")."""
   shipped = os.path.join(WEIGHTS_DIR, f"{name}.json")
   if not os.path.exists(shipped):
-    raise FileNotFoundError(
-        f"Weights file not found: {name} (shipped: "
-        f"{sorted(f[:-5] for f in os.listdir(WEIGHTS_DIR))}).")
+    raise FileNotFoundError(f"Weights file not found: {name} (shipped: "
+                            f"{sorted(f[:-5] for f in os.listdir(WEIGHTS_DIR))}).")
   return shipped
 
 
-def read_weights(path: str, *, domains: Optional[Sequence[str]] = None
-                 ) -> dict[str, float]:
+def read_weights(path: str, *, domains: Optional[Sequence[str]] = None) -> dict[str, float]:
   """Reads {"domains": {...}} from a JSON file (local or gs://), validated.
 
   A bare name ("pile_doremi_280m") resolves to a shipped weights file.
@@ -113,8 +109,7 @@ def uniform_weights(domains: Union[str, Sequence[str]]) -> dict[str, float]:
 def natural_weights(domain_set_or_mixture: str, split: str = "train",
                     max_examples_per_domain: Optional[int] = None,
                     epochs: Optional[Mapping[str, float]] = None, *,
-                    counts: Optional[Mapping[str, float]] = None
-                    ) -> dict[str, float]:
+                    counts: Optional[Mapping[str, float]] = None) -> dict[str, float]:
   """Token proportions (optionally times per-domain epochs), normalized.
 
   counts: per-domain token (or L-token row) counts to use, e.g. from the
@@ -127,8 +122,7 @@ def natural_weights(domain_set_or_mixture: str, split: str = "train",
     if split == "train" and not max_examples_per_domain:
       counts = core.natural_token_counts(domain_set_or_mixture)
     else:
-      counts = core.count_tokens(domain_set_or_mixture, split,
-                                 max_examples_per_domain)
+      counts = core.count_tokens(domain_set_or_mixture, split, max_examples_per_domain)
   epochs = {core.sanitize(k): float(v) for k, v in (epochs or {}).items()}
   validate_weights(epochs or {"_": 1.0}, domains=list(counts) + ["_"])
   return normalize({d: c * epochs.get(d, 1.0) for d, c in counts.items()})
@@ -155,9 +149,8 @@ def unimax_weights(token_counts: Mapping[str, float], total_tokens: float,
   return normalize({d: alloc[d] for d in token_counts})
 
 
-def register_mixture_from_weights(
-    weights_file_or_dict: Union[str, Mapping[str, float]],
-    name: Optional[str] = None, *, domain_set: str) -> seqio.Mixture:
+def register_mixture_from_weights(weights_file_or_dict: Union[str, Mapping[str, float]],
+                                  name: Optional[str] = None, *, domain_set: str) -> seqio.Mixture:
   """Registers a SeqIO mixture over `domain_set` with the given weights.
 
   Args:
@@ -179,5 +172,4 @@ def register_mixture_from_weights(
   rates = {d: 0.0 for d in dset.domains}
   for k, v in w.items():
     rates[lookup.get(k, k if k in rates else core.sanitize(k))] = v
-  return core.register_mixture(name or f"{dset.name}_doremi", rates,
-                               domain_set=dset.name)
+  return core.register_mixture(name or f"{dset.name}_doremi", rates, domain_set=dset.name)

@@ -47,10 +47,19 @@ def _from_accelerator_type(name: str) -> Optional[str]:
   if not m:
     return None
   family, n = _ALIASES.get(m.group(1), m.group(1)), int(m.group(2))
-  two_d = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
-           256: "16x16"}
-  three_d = {8: "2x2x1", 16: "2x2x2", 32: "2x2x4", 64: "2x4x4", 128: "4x4x4", 256: "4x4x8",
-             512: "4x8x8", 1024: "8x8x8", 2048: "8x8x16", 4096: "8x16x16"}
+  two_d = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+  three_d = {
+      8: "2x2x1",
+      16: "2x2x2",
+      32: "2x2x4",
+      64: "2x4x4",
+      128: "4x4x4",
+      256: "4x4x8",
+      512: "4x8x8",
+      1024: "8x8x8",
+      2048: "8x8x16",
+      4096: "8x16x16"
+  }
   if family in ("v5e", "v6e"):
     shape = two_d.get(n)
   elif family in ("v4", "v5p"):
@@ -121,8 +130,8 @@ class Report:
   @property
   def total_bytes(self) -> int:
     """Live at once: arguments + outputs (less donated buffers reused) + temporaries + code."""
-    return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
-            + self.code_bytes)
+    return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes +
+            self.code_bytes)
 
   @property
   def fits(self) -> bool:
@@ -156,7 +165,7 @@ class Report:
     if self.compiler_error and not self.flops_per_device:
       lines.append("step FLOPs: unknown (not compiled)")
     else:
-        lines.append(f"step FLOPs: {self.flops_per_device:.3e} per chip, {total_flops:.3e} "
+      lines.append(f"step FLOPs: {self.flops_per_device:.3e} per chip, {total_flops:.3e} "
                    f"total; >= {1e3 * self.flops_per_device / (chip['tflops'] * 1e12):.2f} "
                    f"ms/step at {chip['tflops']:g} TFLOP/s peak")
     if self.fits:
@@ -175,8 +184,8 @@ def _flops(compiled) -> float:
   return float((cost or {}).get("flops", 0.0))
 
 
-def analyze(compiled, *, topology: str, family: str, num_devices: int, mesh_shape: dict,
-            step: str, description: str = "") -> Report:
+def analyze(compiled, *, topology: str, family: str, num_devices: int, mesh_shape: dict, step: str,
+            description: str = "") -> Report:
   """A Report from a compiled executable's memory and cost analyses."""
   mem = compiled.memory_analysis()
   if isinstance(mem, (list, tuple)):
@@ -268,20 +277,23 @@ def _describe(trainer, batch: int, seq_len: int) -> str:
           f"{trainer.step_cfg.accum_steps}, compute {cfg.dtype}")
 
 
-def check_config(*, topology: str, model_cfg, global_batch_size: int, seq_len: int,
-                 step_cfg, ref_model_cfg=None, mesh_shape: Sequence[int] = (1, -1, 1),
-                 total_steps: int = 1000, which: str = "train") -> Report:
-  """Builds a trainer on the topology's abstract devices and checks its step."""
-  from doremi_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from doremi_jax import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+def check_config(cfg, *, topology: str, which: str = "train", num_domains: Optional[int] = None,
+                 ref_model_cfg=None, num_hosts: Optional[int] = None,
+                 description: str = "") -> Report:
+  """Builds a run.RunConfig's run on the topology's abstract devices and checks its step.
+
+  num_domains stands in for a mixture not registered here; ref_model_cfg is the reference's
+  size for DoReMi runs (default: the proxy's); num_hosts defaults to the topology's.
+  """
+  from doremi_jax import run as run_lib  # pylint: disable=g-import-not-at-top
   canonical, family, _ = parse_topology(topology)
   devices, family = topology_devices(canonical)
-  mesh = sharding_lib.make_mesh(mesh_shape, devices=devices)
-  trainer = trainer_lib.build_trainer(
-      model_cfg=model_cfg, mesh=mesh, global_batch_size=global_batch_size, seq_len=seq_len,
-      total_steps=total_steps, step_cfg=step_cfg, ref_model_cfg=ref_model_cfg)
-  return check_trainer(trainer, topology=canonical, family=family, which=which,
-                       description=_describe(trainer, global_batch_size, seq_len))
+  hosts = num_hosts or len({d.process_index for d in devices})
+  run = run_lib.build_run(cfg, devices=devices, num_processes=hosts, abstract=True,
+                          num_domains=num_domains, ref_model_cfg=ref_model_cfg)
+  text = _describe(run.trainer, cfg.batch_size, cfg.seq_len) + f", {hosts} host(s)"
+  return check_trainer(run.trainer, topology=canonical, family=family, which=which,
+                       description=text + description)
 
 
 # ------------------------------------------------------------------ command line
@@ -289,14 +301,10 @@ def check_config(*, topology: str, model_cfg, global_batch_size: int, seq_len: i
 _PILE_DOMAINS = 22
 
 
-def _is_set(value) -> bool:
-  return value is not None and type(value) is not object  # gin.REQUIRED is a bare object()
-
-
 def _num_domains(mixture, override: Optional[int]) -> tuple[int, str]:
   if override:
     return override, ""
-  if _is_set(mixture):
+  if mixture is not None:
     try:
       from doremi_jax import data as data_lib  # pylint: disable=g-import-not-at-top
       return len(data_lib.domain_names(mixture)), ""
@@ -305,14 +313,13 @@ def _num_domains(mixture, override: Optional[int]) -> tuple[int, str]:
   return _PILE_DOMAINS, f"; {_PILE_DOMAINS} domains assumed (--num_domains to change)"
 
 
-def _reference_config(doremi_cfg, model_cfg) -> tuple[Any, str]:
+def _reference_config(reference_dir: Optional[str], model_cfg) -> tuple[Any, str]:
   """The reference run's model (from its run info, when readable), else the proxy's."""
-  ref_dir = getattr(doremi_cfg, "reference_dir", None)
-  if _is_set(ref_dir):
+  if reference_dir:
     try:
-      from doremi_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+      from doremi_jax import outputs  # pylint: disable=g-import-not-at-top
       from doremi_jax.model import TransformerConfig  # pylint: disable=g-import-not-at-top
-      info = ckpt_lib.read_run_info(ref_dir)
+      info = outputs.read_run_info(reference_dir)
       if info:
         return TransformerConfig(**info["model"]), ""
     except Exception:  # pylint: disable=broad-except
@@ -331,57 +338,23 @@ def _macro(name: str, default: Any = None) -> Any:
 def check_from_gin(topology: Optional[str], which: str = "train",
                    num_domains: Optional[int] = None) -> Report:
   """Checks the run that the parsed gin config describes (the `train` bindings)."""
-  import gin  # pylint: disable=g-import-not-at-top
-  from doremi_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from doremi_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from doremi_jax import steps as steps_lib  # pylint: disable=g-import-not-at-top
-  from doremi_jax import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
-  from doremi_jax import train as train_lib  # pylint: disable=g-import-not-at-top,unused-import
-  from doremi_jax.model import TransformerConfig  # pylint: disable=g-import-not-at-top
-
+  from doremi_jax import train as train_lib  # pylint: disable=g-import-not-at-top
   topology = topology or _macro("TOPOLOGY")
   if not topology:
     raise TopologyError("no topology: pass --topology=v5e:4x4 (or a gin/hardware/*.gin file "
                         f"that sets TOPOLOGY). Examples: {', '.join(EXAMPLES)}.")
-  canonical, family, _ = parse_topology(topology)
-  devices, family = topology_devices(canonical)
-
-  b = gin.get_bindings("doremi_jax.train.train")
-  lengths = b.get("task_feature_lengths")
-  if not _is_set(lengths):
-    raise ValueError("TASK_FEATURE_LENGTHS is not set; bind it, e.g. "
-                     "--gin.TASK_FEATURE_LENGTHS=\"{'targets': 1024}\".")
-  seq_len = config_lib.sequence_length(lengths)
-  batch = b.get("batch_size")
-  if not _is_set(batch):
-    raise ValueError("BATCH_SIZE is not set; bind it, e.g. --gin.BATCH_SIZE=512.")
-  if which == "eval" and _is_set(b.get("eval_batch_size")):
-    batch = b["eval_batch_size"]
-  total_steps = b.get("train_steps")
-  total_steps = total_steps if _is_set(total_steps) else 1000
-  mesh_shape = b.get("mesh_shape", (1, -1, 1))
-  doremi_cfg = b.get("doremi")
-  model_cfg = TransformerConfig()
-  k, note = _num_domains(b.get("mixture_or_task_name"), num_domains)
+  cfg = train_lib.run_config()
+  if cfg.train_steps is None:  # only the schedule's shape depends on it
+    cfg = dataclasses.replace(cfg, train_steps=1000)
+  if which == "eval" and cfg.eval_batch_size:
+    cfg = dataclasses.replace(cfg, batch_size=cfg.eval_batch_size)
+  k, note = _num_domains(cfg.mixture_or_task_name, num_domains)
   ref_cfg = None
-  if doremi_cfg is not None:
-    ref_cfg, ref_note = _reference_config(doremi_cfg, model_cfg)
+  if cfg.doremi is not None:
+    ref_cfg, ref_note = _reference_config(cfg.reference_dir, cfg.model)
     note += ref_note
-  doremi_kw = {}
-  if doremi_cfg is not None:
-    doremi_kw = dict(eta=doremi_cfg.eta, smoothing=doremi_cfg.smoothing,
-                     objective=doremi_cfg.objective)
-  step_cfg = steps_lib.StepConfig(num_domains=k, accum_steps=b.get("accum_steps", 1),
-                                  z_loss=b.get("z_loss", 0.0), **doremi_kw)
-  mesh = sharding_lib.make_mesh(mesh_shape, devices=devices)
-  hosts = len({d.process_index for d in devices})
-  trainer = trainer_lib.build_trainer(model_cfg=model_cfg, mesh=mesh, global_batch_size=batch,
-                                      seq_len=seq_len, total_steps=total_steps,
-                                      step_cfg=step_cfg, ref_model_cfg=ref_cfg,
-                                      num_processes=hosts)
-  return check_trainer(trainer, topology=canonical, family=family, which=which,
-                       description=_describe(trainer, batch, seq_len) + f", {hosts} host(s)"
-                       + note)
+  return check_config(cfg, topology=topology, which=which, num_domains=k, ref_model_cfg=ref_cfg,
+                      description=note)
 
 
 def _extra_flags(parser):
@@ -396,10 +369,10 @@ def _extra_flags(parser):
 def main(argv: Optional[Sequence[str]] = None) -> int:
   import logging  # pylint: disable=g-import-not-at-top
   from doremi_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-  for handler in logging.getLogger().handlers:
-    handler.addFilter(lambda r: not str(r.msg).startswith("Path not found"))
-  args, bindings = config_lib.parse_flags(sys.argv[1:] if argv is None else argv, _extra_flags)
+  config_lib.quiet_logging()
+  logging.getLogger().setLevel(logging.WARNING)
+  args, bindings = config_lib.parse_flags(sys.argv[1:] if argv is None else argv, _extra_flags,
+                                          description=__doc__)
   try:
     if args.topology:
       parse_topology(args.topology)  # fail fast, before parsing gin and building models
@@ -413,4 +386,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+  from doremi_jax import quiet as _quiet  # pylint: disable=g-import-not-at-top
+  _quiet.quiet_start()
   sys.exit(main())

@@ -65,8 +65,13 @@ def pack_documents(docs_tokens: list[np.ndarray], docs_domains: list[int],
   inputs = np.zeros_like(targets)
   inputs[:, 1:] = targets[:, :-1]
   inputs = np.where(positions == 0, 0, inputs).astype(np.int32)
-  return {"inputs": inputs, "targets": targets, "segment_ids": segment_ids,
-          "positions": positions, "domain_ids": domain_ids.astype(np.int32)}
+  return {
+      "inputs": inputs,
+      "targets": targets,
+      "segment_ids": segment_ids,
+      "positions": positions,
+      "domain_ids": domain_ids.astype(np.int32)
+  }
 
 
 def _source_fingerprint(task) -> str:
@@ -94,6 +99,24 @@ def _write_npz(path: str, arrays: Mapping[str, np.ndarray]) -> None:
   tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
+def _tokenized_documents(tasks, split: str) -> dict[str, tuple[list, int]]:
+  """{domain: (token arrays of its non-empty documents, domain id)} through the tasks."""
+  docs = {}
+  for i, (dom, task) in enumerate(tasks):
+    if split not in task.source.splits:
+      raise ValueError(f"Domain {dom!r} has no {split!r} split (splits: "
+                       f"{list(task.source.splits)}); add one to its source.")
+    ds = task.get_dataset(None, split=split, shuffle=False)
+    toks = [ex["targets"] for ex in ds.as_numpy_iterator() if len(ex["targets"])]
+    if not toks:
+      hint = (" Add documents or raise the validation fraction."
+              if split != "train" else " Check its files / source.")
+      raise ValueError(f"Domain {dom!r} has no documents in split "
+                       f"{split!r}.{hint}")
+    docs[dom] = (toks, i + 1)
+  return docs
+
+
 class PackedDomains:
   """Per-domain packed sequences; every feature has shape [N_d, L].
 
@@ -105,18 +128,14 @@ class PackedDomains:
     mixture_rates: {domain: rate} of the mixture, if built from one.
   """
 
-  def __init__(self, names, arrays, *, mixture_rates=None, split="train",
-               sequence_length=None):
+  def __init__(self, names, arrays, *, mixture_rates=None, split="train", sequence_length=None):
     self.names = list(names)
     self.arrays = arrays
     self.mixture_rates = mixture_rates
     self.split = split
-    self.sequence_length = int(sequence_length or
-                               next(iter(arrays.values()))["targets"].shape[1])
-    self.num_sequences = {k: int(v["targets"].shape[0])
-                          for k, v in arrays.items()}
-    self.num_tokens = {k: int((v["segment_ids"] > 0).sum())
-                       for k, v in arrays.items()}
+    self.sequence_length = int(sequence_length or next(iter(arrays.values()))["targets"].shape[1])
+    self.num_sequences = {k: int(v["targets"].shape[0]) for k, v in arrays.items()}
+    self.num_tokens = {k: int((v["segment_ids"] > 0).sum()) for k, v in arrays.items()}
 
   @property
   def mixed(self) -> bool:
@@ -131,9 +150,8 @@ class PackedDomains:
     return {k: self.arrays[pool][k][idx] for k in FEATURES}
 
   @classmethod
-  def build(cls, mixture_or_task_name: str, split: str, sequence_length: int,
-            *, cache_dir: Optional[str] = None,
-            pack_across_domains: bool = False,
+  def build(cls, mixture_or_task_name: str, split: str, sequence_length: int, *,
+            cache_dir: Optional[str] = None, pack_across_domains: bool = False,
             seed: int = 0) -> "PackedDomains":
     """Tokenizes and packs every domain of the mixture's set (cached).
 
@@ -152,60 +170,48 @@ class PackedDomains:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     dset = core.get_domain_set(mixture_or_task_name)
     tasks = dset.tasks()
-    key = hashlib.sha256(repr((
-        dset.name, split, int(sequence_length), vocab_key(dset.vocabulary),
-        [(d, _source_fingerprint(t)) for d, t in tasks],
-        pack_across_domains, seed if pack_across_domains else 0,
-    )).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        repr((
+            dset.name,
+            split,
+            int(sequence_length),
+            vocab_key(dset.vocabulary),
+            [(d, _source_fingerprint(t)) for d, t in tasks],
+            pack_across_domains,
+            seed if pack_across_domains else 0,
+        )).encode()).hexdigest()[:16]
     base = os.path.join(cache_dir or default_cache_dir(),
                         f"{dset.name}_{split}_L{sequence_length}_{key}")
     pools = [MIXED_POOL] if pack_across_domains else dset.domains
     paths = {p: os.path.join(base, f"{p}.npz") for p in pools}
     if all(tf.io.gfile.exists(p) for p in paths.values()):
       arrays = {p: _read_npz(path) for p, path in paths.items()}
-      return cls._with_rates(dset, mixture_or_task_name, arrays, split,
-                             sequence_length)
-    docs = {}
-    for i, (dom, task) in enumerate(tasks):
-      if split not in task.source.splits:
-        raise ValueError(f"Domain {dom!r} has no {split!r} split (splits: "
-                         f"{list(task.source.splits)}); add one to its source.")
-      ds = task.get_dataset(None, split=split, shuffle=False)
-      toks = [ex["targets"] for ex in ds.as_numpy_iterator()
-              if len(ex["targets"])]
-      if not toks:
-        hint = (" Add documents or raise the validation fraction."
-                if split != "train" else " Check its files / source.")
-        raise ValueError(f"Domain {dom!r} has no documents in split "
-                         f"{split!r}.{hint}")
-      docs[dom] = (toks, i + 1)
+      return cls._with_rates(dset, mixture_or_task_name, arrays, split, sequence_length)
+    docs = _tokenized_documents(tasks, split)
     if pack_across_domains:
       order = [(d, j) for d in dset.domains for j in range(len(docs[d][0]))]
       perm = np.random.default_rng(seed).permutation(len(order))
       order = [order[k] for k in perm]
-      arrays = {MIXED_POOL: pack_documents(
-          [docs[d][0][j] for d, j in order], [docs[d][1] for d, _ in order],
-          sequence_length)}
+      arrays = {
+          MIXED_POOL:
+              pack_documents([docs[d][0][j] for d, j in order], [docs[d][1] for d, _ in order],
+                             sequence_length)
+      }
     else:
-      arrays = {d: pack_documents(t, [i] * len(t), sequence_length)
-                for d, (t, i) in docs.items()}
+      arrays = {d: pack_documents(t, [i] * len(t), sequence_length) for d, (t, i) in docs.items()}
     for pool, path in paths.items():
       _write_npz(path, arrays[pool])
-    logging.info("Packed %s/%s at L=%d into %s", dset.name, split,
-                 sequence_length, base)
-    return cls._with_rates(dset, mixture_or_task_name, arrays, split,
-                           sequence_length)
+    logging.info("Packed %s/%s at L=%d into %s", dset.name, split, sequence_length, base)
+    return cls._with_rates(dset, mixture_or_task_name, arrays, split, sequence_length)
 
   @classmethod
   def _with_rates(cls, dset, mixture_or_task_name, arrays, split,
                   sequence_length) -> "PackedDomains":
     from data_pipelines import core  # pylint: disable=g-import-not-at-top
-    packed = cls(dset.domains, arrays, split=split,
-                 sequence_length=sequence_length)
+    packed = cls(dset.domains, arrays, split=split, sequence_length=sequence_length)
     # Lazily counted natural rates resolve to this split's packed token counts.
     counts = packed.num_tokens if split == "train" and not packed.mixed else None
-    packed.mixture_rates = core.mixture_rates(mixture_or_task_name,
-                                              natural_counts=counts)
+    packed.mixture_rates = core.mixture_rates(mixture_or_task_name, natural_counts=counts)
     return packed
 
 
@@ -222,14 +228,13 @@ class BatchIterator:
   remainder B%K rotating with the step), or an explicit {domain: weight}.
   """
 
-  def __init__(self, packed: PackedDomains, *, global_batch_size: int,
-               seed: int, sampling: Union[str, Mapping[str, float]] = "mixture",
-               mixture_rates: Optional[Mapping[str, float]] = None,
-               process_index: int = 0, process_count: int = 1):
+  def __init__(self, packed: PackedDomains, *, global_batch_size: int, seed: int,
+               sampling: Union[str, Mapping[str, float]] = "mixture",
+               mixture_rates: Optional[Mapping[str, float]] = None, process_index: int = 0,
+               process_count: int = 1):
     if global_batch_size % process_count:
-      raise ValueError(
-          f"global_batch_size={global_batch_size} is not divisible by "
-          f"process_count={process_count}; choose a multiple of it.")
+      raise ValueError(f"global_batch_size={global_batch_size} is not divisible by "
+                       f"process_count={process_count}; choose a multiple of it.")
     if not 0 <= process_index < process_count:
       raise ValueError(f"process_index={process_index} not in "
                        f"[0, {process_count}).")
@@ -285,8 +290,7 @@ class BatchIterator:
   # ----------------------------------------------------------------- state
 
   def get_state(self) -> dict[str, np.ndarray]:
-    return {"step": np.array(self._step, np.int64),
-            "draws": self._draws.copy()}
+    return {"step": np.array(self._step, np.int64), "draws": self._draws.copy()}
 
   def set_state(self, state: Mapping[str, np.ndarray]) -> None:
     draws = np.asarray(state["draws"], np.int64)
@@ -316,8 +320,7 @@ class BatchIterator:
       if len(self._perm_cache) > 4 * len(self.pools):
         self._perm_cache.clear()
       n = self.packed.num_sequences[self.pools[d]]
-      self._perm_cache[key] = np.random.default_rng(
-          [self.seed, d, epoch, 0xD0E]).permutation(n)
+      self._perm_cache[key] = np.random.default_rng([self.seed, d, epoch, 0xD0E]).permutation(n)
     return self._perm_cache[key]
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
@@ -355,9 +358,8 @@ class BatchIterator:
     return _finish(out)
 
 
-def eval_batches(packed_validation: PackedDomains, batch_size: int,
-                 process_index: int = 0, process_count: int = 1
-                 ) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(packed_validation: PackedDomains, batch_size: int, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """Fixed batches covering every sequence of every domain exactly once.
 
   Rows are in domain-id order; the last global batch is padded with all-zero
@@ -371,12 +373,11 @@ def eval_batches(packed_validation: PackedDomains, batch_size: int,
   if total == 0:
     raise ValueError("No validation sequences in any domain.")
   b_host = batch_size // process_count
-  locs = [(p, i) for p in pools
-          for i in range(packed_validation.num_sequences[p])]
+  locs = [(p, i) for p in pools for i in range(packed_validation.num_sequences[p])]
   length = packed_validation.sequence_length
   for start in range(0, total, batch_size):
-    rows = locs[start + process_index * b_host:
-                min(start + (process_index + 1) * b_host, start + batch_size)]
+    rows = locs[start + process_index * b_host:min(start + (process_index + 1) * b_host, start +
+                                                   batch_size)]
     out = {k: np.zeros((b_host, length), np.int32) for k in FEATURES}
     for pool in dict.fromkeys(p for p, _ in rows):
       js = [j for j, (p, _) in enumerate(rows) if p == pool]

@@ -18,10 +18,13 @@ import time
 
 import jax
 
-ENV = {"coordinator_address": "DOREMI_COORDINATOR_ADDRESS",
-       "num_processes": "DOREMI_NUM_PROCESSES", "process_id": "DOREMI_PROCESS_ID",
-       "heartbeat_timeout": "DOREMI_HEARTBEAT_TIMEOUT",
-       "shutdown_timeout": "DOREMI_SHUTDOWN_TIMEOUT"}
+ENV = {
+    "coordinator_address": "DOREMI_COORDINATOR_ADDRESS",
+    "num_processes": "DOREMI_NUM_PROCESSES",
+    "process_id": "DOREMI_PROCESS_ID",
+    "heartbeat_timeout": "DOREMI_HEARTBEAT_TIMEOUT",
+    "shutdown_timeout": "DOREMI_SHUTDOWN_TIMEOUT"
+}
 HEARTBEAT_TIMEOUT = 60
 SHUTDOWN_TIMEOUT = 60
 
@@ -29,17 +32,16 @@ SHUTDOWN_TIMEOUT = 60
 def add_flags(parser) -> None:
   parser.add_argument("--coordinator_address", default=os.environ.get(ENV["coordinator_address"]),
                       help="host:port of process 0 (multi-process runs off TPU)")
-  parser.add_argument("--num_processes", type=int,
-                      default=_int_env(ENV["num_processes"]))
+  parser.add_argument("--num_processes", type=int, default=_int_env(ENV["num_processes"]))
   parser.add_argument("--process_id", type=int, default=_int_env(ENV["process_id"]))
   parser.add_argument("--initialization_timeout", type=int, default=120,
                       help="seconds to wait for every process to reach the coordinator")
-  parser.add_argument("--heartbeat_timeout", type=int,
-                      default=_int_env(ENV["heartbeat_timeout"]) or HEARTBEAT_TIMEOUT,
-                      help="seconds without heartbeats after which a process is declared "
-                           "dead and the others stop with an error")
-  parser.add_argument("--shutdown_timeout", type=int,
-                      default=_int_env(ENV["shutdown_timeout"]) or SHUTDOWN_TIMEOUT,
+  parser.add_argument(
+      "--heartbeat_timeout", type=int, default=_int_env(ENV["heartbeat_timeout"]) or
+      HEARTBEAT_TIMEOUT, help="seconds without heartbeats after which a process is declared "
+      "dead and the others stop with an error")
+  parser.add_argument("--shutdown_timeout", type=int, default=_int_env(ENV["shutdown_timeout"]) or
+                      SHUTDOWN_TIMEOUT,
                       help="seconds a finishing process waits for the others at exit")
   parser.add_argument("--multihost_tpu", action="store_true",
                       help="initialize from the TPU environment (set by launch/tpu_run.sh)")
@@ -51,17 +53,18 @@ def _int_env(name):
 
 
 def initialize(*, coordinator_address=None, num_processes=None, process_id=None,
-               initialization_timeout: int = 120,
-               heartbeat_timeout: int = HEARTBEAT_TIMEOUT,
+               initialization_timeout: int = 120, heartbeat_timeout: int = HEARTBEAT_TIMEOUT,
                shutdown_timeout: int = SHUTDOWN_TIMEOUT, tpu: bool = False) -> None:
   """Initializes once; a no-op for single-process runs."""
   for name, value in (("initialization_timeout", initialization_timeout),
-                      ("heartbeat_timeout", heartbeat_timeout),
-                      ("shutdown_timeout", shutdown_timeout)):
+                      ("heartbeat_timeout", heartbeat_timeout), ("shutdown_timeout",
+                                                                 shutdown_timeout)):
     if value is None or value <= 0:
       raise ValueError(f"--{name}={value}: must be a positive number of seconds.")
-  timeouts = {"heartbeat_timeout_seconds": heartbeat_timeout,
-              "shutdown_timeout_seconds": shutdown_timeout}
+  timeouts = {
+      "heartbeat_timeout_seconds": heartbeat_timeout,
+      "shutdown_timeout_seconds": shutdown_timeout
+  }
   if tpu:
     jax.distributed.initialize(**timeouts)
     return
@@ -75,13 +78,14 @@ def initialize(*, coordinator_address=None, num_processes=None, process_id=None,
     # JAX's client aborts the process (no Python exception) when it cannot register in
     # time; check first that the coordinator accepts connections, with a clear error.
     wait_for_coordinator(coordinator_address, initialization_timeout)
-  logging.info("jax.distributed.initialize(%s, %d processes, id %d; timeouts: init %ds, "
-               "heartbeat %ds, shutdown %ds)", coordinator_address, num_processes, process_id,
-               initialization_timeout, heartbeat_timeout, shutdown_timeout)
+  logging.info(
+      "jax.distributed.initialize(%s, %d processes, id %d; timeouts: init %ds, "
+      "heartbeat %ds, shutdown %ds)", coordinator_address, num_processes, process_id,
+      initialization_timeout, heartbeat_timeout, shutdown_timeout)
   try:
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id,
-                               initialization_timeout=initialization_timeout, **timeouts)
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id, initialization_timeout=initialization_timeout,
+                               **timeouts)
   except Exception as e:  # pylint: disable=broad-except
     raise RuntimeError(
         f"could not join the JAX distributed runtime at {coordinator_address} as process "

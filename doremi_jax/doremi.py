@@ -11,12 +11,31 @@ One step t, given per-token proxy and reference losses of the global batch:
   objective   = sum_i alpha_t[i] * mean proxy loss over domain i   (alpha_t held constant)
   output      = mean of alpha_1 .. alpha_T
 """
+import dataclasses
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 OBJECTIVES = ("domain_mean", "token_weighted")
+SAMPLINGS = ("stratified", "uniform")
+
+
+@dataclasses.dataclass(frozen=True)
+class DoReMiConfig:
+  """A DoReMi (proxy) run's settings: gin binds them (DoReMiConfig.eta, ...), the proxy
+  step reads eta, smoothing and objective, the input reads sampling."""
+  eta: float = 1.0  # exponentiated-gradient step size
+  smoothing: float = 1e-3  # c: mixing toward uniform
+  objective: str = "domain_mean"  # the paper's; "token_weighted" is the authors' code
+  sampling: str = "stratified"  # proxy batches: "stratified" (B/K per domain) or "uniform"
+  initial_lambda: float = 0.0  # excess of a domain absent before it is first seen
+
+  def validate(self) -> None:
+    validate(eta=self.eta, smoothing=self.smoothing, objective=self.objective)
+    if self.sampling not in SAMPLINGS:
+      raise ValueError(f"DoReMiConfig.sampling={self.sampling!r}: the proxy samples domains "
+                       f"uniformly; use one of {SAMPLINGS}.")
 
 
 class DoReMiState(NamedTuple):
@@ -27,15 +46,15 @@ class DoReMiState(NamedTuple):
   num_updates: jnp.ndarray  # t, int32
 
 
-def init_state(num_domains: int, initial_lambda: float = 0.0,
-               initial_alpha_K=None) -> DoReMiState:
+def init_state(num_domains: int, initial_lambda: float = 0.0, initial_alpha_K=None) -> DoReMiState:
   """alpha_0 is uniform unless given; the average starts empty (t = 0)."""
   k = num_domains
-  alpha = (jnp.full((k,), 1.0 / k, jnp.float32) if initial_alpha_K is None
-           else jnp.asarray(initial_alpha_K, jnp.float32))
-  return DoReMiState(alpha_K=alpha, avg_alpha_K=jnp.array(alpha),
-                     lambda_K=jnp.full((k,), initial_lambda, jnp.float32),
-                     num_updates=jnp.zeros((), jnp.int32))
+  alpha = (
+      jnp.full(
+          (k,), 1.0 /
+          k, jnp.float32) if initial_alpha_K is None else jnp.asarray(initial_alpha_K, jnp.float32))
+  return DoReMiState(alpha_K=alpha, avg_alpha_K=jnp.array(alpha), lambda_K=jnp.full(
+      (k,), initial_lambda, jnp.float32), num_updates=jnp.zeros((), jnp.int32))
 
 
 def clipped_excess(proxy_loss_BxL, ref_loss_BxL, mask_BxL):
@@ -110,7 +129,8 @@ def token_weights(alpha_K, domain_ids_BxL, mask_BxL, counts_K, objective: str = 
   if objective == "token_weighted":
     # sum_j alpha[d_j] over the global batch is sum_i alpha_i * count_i: correct for a
     # microbatch too, given the global counts.
-    return jnp.einsum("blk,k->bl", one_hot, alpha_K) / jnp.maximum(jnp.dot(alpha_K, counts_K), 1e-30)
+    return jnp.einsum("blk,k->bl", one_hot, alpha_K) / jnp.maximum(
+        jnp.dot(alpha_K, counts_K), 1e-30)
   raise ValueError(f"objective={objective!r}: use one of {OBJECTIVES}")
 
 

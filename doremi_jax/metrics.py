@@ -1,9 +1,9 @@
-"""Run metrics: MODEL_DIR/metrics.jsonl, TensorBoard event files, a terminal progress bar.
+"""Run metrics: metrics.jsonl, TensorBoard events, DoReMi weights and their trajectory, and
+a terminal progress bar.
 
 Only process 0 writes. Values arrive as host numpy/python (the loop reads metrics one step
 late to respect async dispatch).
 """
-import json
 import math
 import os
 import sys
@@ -13,34 +13,37 @@ from typing import Mapping, Optional
 import jax
 import numpy as np
 
+from doremi_jax import outputs
+
 
 class MetricsWriter:
   """Appends one JSON object per logged step and mirrors scalars to TensorBoard."""
 
-  def __init__(self, model_dir: str, *, filename: str = "metrics.jsonl",
-               tensorboard: bool = True):
-    self.active = jax.process_index() == 0
-    self.path = os.path.join(model_dir, filename)
+  def __init__(self, model_dir: str, *, tensorboard: bool = True):
+    self.active = outputs.is_writer()
+    self.path = os.path.join(model_dir, outputs.METRICS)
     self._tb = None
     if not self.active:
       return
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    self._tf = tf
-    tf.io.gfile.makedirs(model_dir)
+    outputs.makedirs(model_dir)
     if tensorboard:
-      self._tb = tf.summary.create_file_writer(os.path.join(model_dir, "tensorboard"))
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      self._tf = tf
+      self._tb = tf.summary.create_file_writer(os.path.join(model_dir, outputs.TENSORBOARD))
 
   def truncate_after(self, step: int) -> None:
     """On resume, drop lines logged after the restored step (they will be logged again)."""
-    if self.active:
-      truncate_jsonl(self.path, step)
+    outputs.truncate_jsonl(self.path, step)
 
   def write(self, step: int, values: Mapping) -> None:
     if not self.active:
       return
-    record = {"step": int(step), **{k: _plain(v) for k, v in values.items()}}
-    with self._tf.io.gfile.GFile(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    outputs.append_jsonl(self.path, [{
+        "step": int(step),
+        **{
+            k: _plain(v) for k, v in values.items()
+        }
+    }])
     if self._tb is not None:
       with self._tb.as_default():
         for name, value in _flatten(values):
@@ -50,17 +53,59 @@ class MetricsWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+      self._tb = None
 
 
-def truncate_jsonl(path: str, last_step: int) -> None:
-  """Keeps the JSON lines of a step log up to last_step (a resumed run rewrites the rest)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  if not tf.io.gfile.exists(path):
-    return
-  with tf.io.gfile.GFile(path) as f:
-    lines = [l for l in f if l.strip() and json.loads(l)["step"] <= last_step]
-  with tf.io.gfile.GFile(path, "w") as f:
-    f.write("".join(lines))
+class Trajectory:
+  """Every step's domain weights and running average (domain_weights_trajectory.jsonl).
+
+  On resume, lines after the restored step are dropped (those steps run again).
+  """
+
+  def __init__(self, model_dir: str, start_step: int):
+    self.path = os.path.join(model_dir, outputs.TRAJECTORY)
+    self._buffer = []
+    outputs.truncate_jsonl(self.path, start_step)
+
+  def append(self, step: int, alpha_K, avg_alpha_K) -> None:
+    self._buffer.append({
+        "step": int(step),
+        "domain_weights": np.asarray(alpha_K).tolist(),
+        "avg_domain_weights": np.asarray(avg_alpha_K).tolist()
+    })
+
+  def flush(self) -> None:
+    outputs.append_jsonl(self.path, self._buffer)
+    self._buffer = []
+
+
+def read_trajectory(model_dir: str) -> list[dict]:
+  return outputs.read_jsonl(os.path.join(model_dir, outputs.TRAJECTORY))
+
+
+def write_domain_weights(model_dir: str, state, info: dict, doremi_cfg, *, reference_dir: str,
+                         steps: int) -> dict:
+  """MODEL_DIR/domain_weights.json: the averaged weights (the DoReMi output) and metadata."""
+  dstate = jax.device_get(state.doremi)
+  domains = info["domains"]
+  out = {
+      "domains": dict(zip(domains, map(float, dstate.avg_alpha_K))),
+      "final_domain_weights": dict(zip(domains, map(float, dstate.alpha_K))),
+      "mixture": info["mixture"],
+      "reference": reference_dir,
+      "reference_step": info.get("reference_step"),
+      "proxy_params": info["num_params"],
+      "proxy_model": info["model"],
+      "steps": steps,
+      "eta": doremi_cfg.eta,
+      "c": doremi_cfg.smoothing,
+      "objective": doremi_cfg.objective,
+      "sampling": doremi_cfg.sampling,
+      "vocabulary": info["vocabulary"],
+      "sequence_length": info["sequence_length"],
+  }
+  outputs.write_json(os.path.join(model_dir, outputs.DOMAIN_WEIGHTS), out)
+  return out
 
 
 def _plain(v):

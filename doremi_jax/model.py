@@ -85,7 +85,7 @@ class RMSNorm(nn.Module):
 def rotary(x_BxLxHxK, positions_BxL, theta: float):
   """Rotary position embedding (half-split convention)."""
   half = x_BxLxHxK.shape[-1] // 2
-  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  freq = theta**(-jnp.arange(half, dtype=jnp.float32) / half)
   angle = positions_BxL[:, :, None, None].astype(jnp.float32) * freq  # B, L, 1, K/2
   sin, cos = jnp.sin(angle), jnp.cos(angle)
   x1, x2 = jnp.split(x_BxLxHxK.astype(jnp.float32), 2, axis=-1)
@@ -111,10 +111,12 @@ class Attention(nn.Module):
     dt = cfg.compute_dtype
 
     def proj(name):
-      w = self.param(name, nn.with_logical_partitioning(
-          nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=0,
-                                           out_axis=(1, 2)), ("embed", "heads", "kv")),
-                     (cfg.emb_dim, cfg.num_heads, cfg.head_dim), jnp.float32)
+      w = self.param(
+          name,
+          nn.with_logical_partitioning(
+              nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=0,
+                                               out_axis=(1, 2)), ("embed", "heads", "kv")),
+          (cfg.emb_dim, cfg.num_heads, cfg.head_dim), jnp.float32)
       return jnp.einsum("bld,dhk->blhk", x_BxLxD, w.astype(dt))
 
     q, k, v = proj("query"), proj("key"), proj("value")
@@ -131,10 +133,12 @@ class Attention(nn.Module):
     probs = jnp.where(mask, probs, 0.0).astype(dt)
     out = jnp.einsum("bhqs,bshk->bqhk", probs, v)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
-    w_out = self.param("out", nn.with_logical_partitioning(
-        nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1),
-                                         out_axis=2), ("heads", "kv", "embed")),
-                       (cfg.num_heads, cfg.head_dim, cfg.emb_dim), jnp.float32)
+    w_out = self.param(
+        "out",
+        nn.with_logical_partitioning(
+            nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1),
+                                             out_axis=2), ("heads", "kv", "embed")),
+        (cfg.num_heads, cfg.head_dim, cfg.emb_dim), jnp.float32)
     return jnp.einsum("blhk,hkd->bld", out, w_out.astype(dt))
 
 
@@ -199,8 +203,7 @@ class Transformer(nn.Module):
       x = block(cfg, name=f"layer_{i}")(x, segment_ids_BxL, positions_BxL)
     x = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="final_norm")(x)
     if not cfg.tie_embeddings:
-      self.param("output_kernel",
-                 nn.with_logical_partitioning(_dense_init(), ("embed", "vocab")),
+      self.param("output_kernel", nn.with_logical_partitioning(_dense_init(), ("embed", "vocab")),
                  (cfg.emb_dim, cfg.padded_vocab_size), jnp.float32)
     if return_hidden:
       return x

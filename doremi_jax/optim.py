@@ -65,7 +65,7 @@ def lr_schedule(total_steps: int, *, peak_lr: float = 1e-3, final_lr: float = 1e
     step = jnp.asarray(step, jnp.float32)
     warm = peak_lr * jnp.minimum(step + 1.0, warmup) / warmup
     frac = jnp.clip((step - warmup) / decay_steps, 0.0, 1.0)
-    decayed = peak_lr * (final_lr / peak_lr) ** frac
+    decayed = peak_lr * (final_lr / peak_lr)**frac
     return jnp.where(step < warmup, warm, decayed)
 
   return schedule

@@ -15,12 +15,13 @@ rerunning the same command after a preemption continues the study.
 if __name__ == "__main__":
   # Under `python -m`, this file runs as __main__; run the importable module instead so
   # that gin registers its configurables once, under doremi_jax.pipeline.
+  from doremi_jax import quiet as _quiet  # pylint: disable=g-import-not-at-top
+  _quiet.quiet_start()
   from doremi_jax import pipeline as _module  # pylint: disable=g-import-not-at-top
   _module.main()
   raise SystemExit(0)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-import json
 import logging
 import os
 import tempfile
@@ -30,10 +31,11 @@ from typing import Optional, Sequence
 import gin
 import jax
 
-from doremi_jax import checkpoint as ckpt_lib
 from doremi_jax import config as config_lib
 from doremi_jax import data as data_lib
-from doremi_jax import evaluate as eval_lib
+from doremi_jax import metrics as metrics_lib
+from doremi_jax import outputs
+from doremi_jax import evaluation
 from doremi_jax import report as report_lib
 from doremi_jax import train as train_lib
 
@@ -46,27 +48,20 @@ def _scoped_train(scope: str, model_dir: str, mixture: str, **overrides) -> dict
     t0 = time.time()
     result = train_lib.train(model_dir, mixture_or_task_name=mixture, **overrides)
     if result["preempted"]:
-      logging.warning("[%s] preempted at step %d: rerun the same command to continue the "
-                      "study from there.", scope, result["step"])
+      logging.warning(
+          "[%s] preempted at step %d: rerun the same command to continue the "
+          "study from there.", scope, result["step"])
       raise SystemExit(0)
     logging.info("[%s] %s finished at step %s in %.0fs", scope, model_dir, result["step"],
                  time.time() - t0)
     return result
 
 
-_gfile = ckpt_lib.gfile  # local or gs:// (a TPU pipeline's PIPELINE_DIR)
-
-
-def _read_json(path: str) -> dict:
-  with _gfile().GFile(path) as f:
-    return json.load(f)
-
-
 def _write_report(study: dict, pipeline_dir: str) -> dict:
   """report.md, summary.json and plots/ in pipeline_dir (local or gs://)."""
   if "://" not in pipeline_dir:
     return report_lib.write_report(study, pipeline_dir)
-  gfile = _gfile()
+  gfile = outputs.gfile()
   with tempfile.TemporaryDirectory() as tmp:
     summary = report_lib.write_report(study, tmp)
     for root, _, files in os.walk(tmp):
@@ -84,10 +79,12 @@ def _register(weights: dict, name: str, domain_set: str) -> str:
 
 
 def _trajectory(model_dir: str) -> dict:
-  rows = config_lib.read_trajectory(model_dir)
-  return {"steps": [r["step"] for r in rows],
-          "domain_weights": [r["domain_weights"] for r in rows],
-          "avg_domain_weights": [r["avg_domain_weights"] for r in rows]}
+  rows = metrics_lib.read_trajectory(model_dir)
+  return {
+      "steps": [r["step"] for r in rows],
+      "domain_weights": [r["domain_weights"] for r in rows],
+      "avg_domain_weights": [r["avg_domain_weights"] for r in rows]
+  }
 
 
 def _baseline_weights(name: str, natural: dict, token_counts: dict, *, main_tokens: int,
@@ -104,12 +101,11 @@ def _baseline_weights(name: str, natural: dict, token_counts: dict, *, main_toke
 
 @gin.configurable
 def pipeline(pipeline_dir: str = gin.REQUIRED, *, domain_set: str = gin.REQUIRED,
-             reference_weights: str = "natural", max_rounds: int = 1,
-             convergence_tol: float = 1e-3, baselines: Sequence[str] = BASELINES,
-             unimax_max_epochs: float = 1.0, name: Optional[str] = None,
-             main_steps: int = gin.REQUIRED, main_batch_size: int = gin.REQUIRED,
-             sequence_length: int = gin.REQUIRED, cache_dir: Optional[str] = None,
-             natural_weights: str = "registered") -> dict:
+             reference_weights: str = "natural", max_rounds: int = 1, convergence_tol: float = 1e-3,
+             baselines: Sequence[str] = BASELINES, unimax_max_epochs: float = 1.0,
+             name: Optional[str] = None, main_steps: int = gin.REQUIRED,
+             main_batch_size: int = gin.REQUIRED, sequence_length: int = gin.REQUIRED,
+             cache_dir: Optional[str] = None, natural_weights: str = "registered") -> dict:
   """Runs the study; returns the report's summary.
 
   reference_weights: "natural" or "uniform" (round 1's reference mixture), or a weights file.
@@ -124,6 +120,58 @@ def pipeline(pipeline_dir: str = gin.REQUIRED, *, domain_set: str = gin.REQUIRED
     "epochs", e.g. the Pile's), normalized: how Appendix C computes the baseline.
   """
   from data_pipelines import weights as weights_lib
+  _validate(baselines, max_rounds, natural_weights)
+  domains = data_lib.domain_names(domain_set)
+  natural, token_counts = _natural(domain_set, sequence_length, cache_dir, natural_weights)
+  ref_w = _reference_weights(reference_weights, natural, domain_set)
+  stage_args = {"task_feature_lengths": {"targets": sequence_length}, "cache_dir": cache_dir}
+  rounds, converged = _doremi_rounds(pipeline_dir, domain_set, ref_w, stage_args,
+                                     max_rounds=max_rounds, convergence_tol=convergence_tol)
+  out_w = rounds[-1]["output_weights"]
+  if jax.process_index() == 0:
+    weights_lib.write_weights(
+        os.path.join(pipeline_dir, outputs.DOMAIN_WEIGHTS), out_w, mixture=domain_set,
+        rounds=len(rounds), converged=converged)
+  main_tokens = main_steps * main_batch_size * sequence_length
+  mains = {"doremi": out_w}
+  for b in baselines:
+    mains[b] = _baseline_weights(b, natural, token_counts, main_tokens=main_tokens,
+                                 unimax_max_epochs=unimax_max_epochs)
+  results = _main_runs(pipeline_dir, domain_set, mains, stage_args, train_steps=main_steps,
+                       batch_size=main_batch_size)
+  study = {
+      "name": name or os.path.basename(os.path.normpath(pipeline_dir)),
+      "mixture": domain_set,
+      "domains": domains,
+      "rounds": rounds,
+      "converged": converged,
+      "mains": results,
+      "config": _study_config(pipeline_dir, reference_weights, max_rounds),
+      "equal_compute": {
+          "train_steps": main_steps,
+          "batch_size": main_batch_size,
+          "seq_len": sequence_length,
+          "tokens": main_tokens
+      }
+  }
+  return _finish(study, pipeline_dir)
+
+
+def _reference_weights(reference_weights: str, natural: dict, domain_set: str) -> dict:
+  """Round 1's reference weights: natural, uniform, or a weights file (original or
+  sanitized names, missing domains 0, normalized)."""
+  from data_pipelines import core
+  from data_pipelines import weights as weights_lib
+  if reference_weights == "natural":
+    return natural
+  if reference_weights == "uniform":
+    return weights_lib.uniform_weights(data_lib.domain_names(domain_set))
+  return core.mixture_rates(
+      _register(
+          weights_lib.read_weights(reference_weights), f"{domain_set}_reference_file", domain_set))
+
+
+def _validate(baselines, max_rounds: int, natural_weights: str) -> None:
   unknown = [b for b in baselines if b not in BASELINES]
   if unknown:
     raise ValueError(f"pipeline.baselines has unknown {unknown}: use some of {BASELINES}.")
@@ -132,9 +180,13 @@ def pipeline(pipeline_dir: str = gin.REQUIRED, *, domain_set: str = gin.REQUIRED
   if natural_weights not in ("registered", "counted"):
     raise ValueError(f"pipeline.natural_weights={natural_weights!r}: use 'registered' or "
                      f"'counted'.")
-  domains = data_lib.domain_names(domain_set)
+
+
+def _natural(domain_set: str, sequence_length: int, cache_dir, natural_weights: str):
+  """(natural weights, train token counts); packing the train split once gives the counts
+  behind natural and UniMax weights."""
   from data_pipelines import core
-  # Packing the train split once gives the token counts behind natural and UniMax weights.
+  from data_pipelines import weights as weights_lib
   packed = data_lib.PackedDomains.build(domain_set, "train", sequence_length, cache_dir=cache_dir)
   token_counts = {d: packed.num_tokens[d] for d in packed.names}
   if natural_weights == "counted":
@@ -143,72 +195,69 @@ def pipeline(pipeline_dir: str = gin.REQUIRED, *, domain_set: str = gin.REQUIRED
         epochs=core.get_domain_set(domain_set).metadata.get("epochs"))
   else:  # token proportions of the set, or published ones (the Pile's baseline)
     natural = core.mixture_rates(f"{domain_set}_natural", natural_counts=token_counts)
-  del packed
-  if reference_weights == "natural":
-    ref_w = natural
-  elif reference_weights == "uniform":
-    ref_w = weights_lib.uniform_weights(domains)
-  else:  # a weights file: original or sanitized names, missing domains 0, normalized
-    ref_w = core.mixture_rates(_register(weights_lib.read_weights(reference_weights),
-                                         f"{domain_set}_reference_file", domain_set))
-  lengths = {"targets": sequence_length}
-  stage_args = {"task_feature_lengths": lengths, "cache_dir": cache_dir}
-  uniform_mixture = _register(weights_lib.uniform_weights(domains), f"{domain_set}_proxy",
-                              domain_set)
+  return natural, token_counts
 
-  rounds, converged, out_w = [], False, None
+
+def _doremi_rounds(pipeline_dir: str, domain_set: str, ref_w: dict, stage_args: dict, *,
+                   max_rounds: int, convergence_tol: float):
+  """Reference -> proxy rounds; round r+1's reference trains on round r's output."""
+  from data_pipelines import weights as weights_lib
+  domains = data_lib.domain_names(domain_set)
+  uniform_mixture = _register(
+      weights_lib.uniform_weights(domains), f"{domain_set}_proxy", domain_set)
+  rounds = []
   for r in range(1, max_rounds + 1):
     ref_dir = os.path.join(pipeline_dir, f"round{r}", "reference")
     proxy_dir = os.path.join(pipeline_dir, f"round{r}", "doremi")
     ref_mixture = _register(ref_w, f"{domain_set}_reference_r{r}", domain_set)
     _scoped_train("reference", ref_dir, ref_mixture, **stage_args)
-    doremi_cfg = _scoped_doremi(ref_dir)
-    _scoped_train("proxy", proxy_dir, uniform_mixture, doremi=doremi_cfg, **stage_args)
-    out = _read_json(os.path.join(proxy_dir, "domain_weights.json"))
-    out_w = out["domains"]
+    _scoped_train("proxy", proxy_dir, uniform_mixture, doremi=_scoped_doremi(),
+                  reference_dir=ref_dir, **stage_args)
+    out_w = outputs.read_json(os.path.join(proxy_dir, outputs.DOMAIN_WEIGHTS))["domains"]
     change = max(abs(out_w[d] - ref_w[d]) for d in domains)
-    rounds.append({"round": r, "reference_weights": ref_w, "output_weights": out_w,
-                   "trajectory": _trajectory(proxy_dir), "max_abs_change": change})
+    rounds.append({
+        "round": r,
+        "reference_weights": ref_w,
+        "output_weights": out_w,
+        "trajectory": _trajectory(proxy_dir),
+        "max_abs_change": change
+    })
     logging.info("DoReMi round %d: max |avg - ref| = %.4g", r, change)
     if change < convergence_tol:
-      converged = True
-      break
+      return rounds, True
     ref_w = out_w
-  if jax.process_index() == 0:
-    weights_lib.write_weights(os.path.join(pipeline_dir, "domain_weights.json"), out_w,
-                              mixture=domain_set, rounds=len(rounds), converged=converged)
+  return rounds, False
 
-  main_tokens = main_steps * main_batch_size * sequence_length
-  mains = {"doremi": out_w}
-  for b in baselines:
-    mains[b] = _baseline_weights(b, natural, token_counts, main_tokens=main_tokens,
-                                 unimax_max_epochs=unimax_max_epochs)
+
+def _main_runs(pipeline_dir: str, domain_set: str, mains: dict, stage_args: dict, *,
+               train_steps: int, batch_size: int) -> dict:
+  """One main model per weights at equal compute: {run: {weights, evals}}."""
   results = {}
   for run, weights in mains.items():
     mixture = _register(weights, f"{domain_set}_main_{run}", domain_set)
     main_dir = os.path.join(pipeline_dir, "main", run)
-    _scoped_train("main", main_dir, mixture, train_steps=main_steps,
-                  batch_size=main_batch_size, **stage_args)
-    results[run] = {"weights": weights, "evals": eval_lib.read_history(main_dir)}
+    _scoped_train("main", main_dir, mixture, train_steps=train_steps, batch_size=batch_size,
+                  **stage_args)
+    results[run] = {"weights": weights, "evals": evaluation.read_history(main_dir)}
+  return results
 
-  study = {"name": name or os.path.basename(os.path.normpath(pipeline_dir)),
-           "mixture": domain_set, "domains": domains, "rounds": rounds,
-           "converged": converged, "mains": results,
-           "config": _study_config(pipeline_dir, reference_weights, max_rounds),
-           "equal_compute": {"train_steps": main_steps, "batch_size": main_batch_size,
-                             "seq_len": sequence_length, "tokens": main_tokens}}
-  summary = None
-  if jax.process_index() == 0:
-    ckpt_lib.write_json(os.path.join(pipeline_dir, "study.json"), study)
-    summary = _write_report(study, pipeline_dir)
-    print(console_summary(summary, os.path.join(pipeline_dir, "report.md")), flush=True)
+
+def _finish(study: dict, pipeline_dir: str):
+  """study.json, the report and the console verdicts (process 0); the summary."""
+  if jax.process_index() != 0:
+    return None
+  outputs.write_json(os.path.join(pipeline_dir, outputs.STUDY), study)
+  summary = _write_report(study, pipeline_dir)
+  print(console_summary(summary, os.path.join(pipeline_dir, outputs.REPORT)), flush=True)
   return summary
 
 
 def console_summary(summary: dict, report_path: str) -> str:
   """The verdicts in a few lines, for the terminal."""
-  lines = [f"DoReMi study {summary['name']}: DoReMi weights "
-           + ", ".join(f"{d} {w:.3f}" for d, w in summary["doremi_weights"].items())]
+  lines = [
+      f"DoReMi study {summary['name']}: DoReMi weights " +
+      ", ".join(f"{d} {w:.3f}" for d, w in summary["doremi_weights"].items())
+  ]
   for name, b in summary.get("baselines", {}).items():
     reach = (f"reaches its final average at {b['fraction_of_steps']:.0%} of the steps"
              if b.get("fraction_of_steps") is not None else "never reaches its final average")
@@ -220,27 +269,26 @@ def console_summary(summary: dict, report_path: str) -> str:
   return "\n".join(lines)
 
 
-def _scoped_doremi(reference_dir: str):
+def _scoped_doremi():
   with gin.config_scope("proxy"):
-    return train_lib.DoReMiConfig(reference_dir=reference_dir)
+    return train_lib.DoReMiConfig()
 
 
 def _study_config(pipeline_dir: str, reference_weights: str, max_rounds: int) -> dict:
   cfg = {"reference_weights": reference_weights, "max_rounds": max_rounds}
   for stage in ("reference", "doremi", "main"):
     path = os.path.join(pipeline_dir, "round1" if stage != "main" else "main",
-                        stage if stage != "main" else "doremi", ckpt_lib.RUN_INFO)
-    if _gfile().exists(path):
-      info = _read_json(path)
+                        stage if stage != "main" else "doremi", outputs.RUN_INFO)
+    if outputs.exists(path):
+      info = outputs.read_json(path)
       m = info["model"]
       cfg[f"{stage}_model"] = (f"d{m['emb_dim']} L{m['num_layers']} H{m['num_heads']} "
                                f"ff{m['mlp_dim']} ({info['num_params']:,} params)")
       cfg["vocabulary"] = f"{info['vocabulary']['type']} ({info['vocabulary']['vocab_size']})"
-  dw = os.path.join(pipeline_dir, "round1", "doremi", "domain_weights.json")
-  if _gfile().exists(dw):
-    meta = _read_json(dw)
-    cfg.update(eta=meta["eta"], c=meta["c"], objective=meta["objective"],
-               proxy_steps=meta["steps"])
+  dw = os.path.join(pipeline_dir, "round1", "doremi", outputs.DOMAIN_WEIGHTS)
+  if outputs.exists(dw):
+    meta = outputs.read_json(dw)
+    cfg.update(eta=meta["eta"], c=meta["c"], objective=meta["objective"], proxy_steps=meta["steps"])
   return cfg
 
 

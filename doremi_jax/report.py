@@ -92,9 +92,14 @@ def _final(main, domains):
   avg, worst = _eval_value(last, "average"), _eval_value(last, "worst")
   finite = {d: v for d, v in per.items() if math.isfinite(v)}
   diverged = not (math.isfinite(avg) and math.isfinite(worst) and len(finite) == len(per))
-  return {"step": _num(last.get("step")), "per_domain": per, "average": avg, "worst": worst,
-          "worst_domain": max(finite, key=finite.get) if finite else None,
-          "diverged": diverged}
+  return {
+      "step": _num(last.get("step")),
+      "per_domain": per,
+      "average": avg,
+      "worst": worst,
+      "worst_domain": max(finite, key=finite.get) if finite else None,
+      "diverged": diverged
+  }
 
 
 def _compare(doremi, base_final, domains, total_steps, tolerance):
@@ -102,23 +107,30 @@ def _compare(doremi, base_final, domains, total_steps, tolerance):
   df = doremi["final"]
   va = verdict(df["average"], base_final["average"], tolerance)
   vw = verdict(df["worst"], base_final["worst"], tolerance)
-  better = sum(1 for d in domains
-               if math.isfinite(df["per_domain"][d]) and (
-                   not math.isfinite(base_final["per_domain"][d]) or
-                   df["per_domain"][d] < base_final["per_domain"][d]))
+  better = sum(
+      1 for d in domains
+      if math.isfinite(df["per_domain"][d]) and (not math.isfinite(base_final["per_domain"][d]) or
+                                                 df["per_domain"][d] < base_final["per_domain"][d]))
   evals = doremi["evals"]
-  reach = steps_to_reach([e.get("step") for e in evals],
-                         [_eval_value(e, "average") for e in evals],
+  reach = steps_to_reach([e.get("step") for e in evals], [_eval_value(e, "average") for e in evals],
                          base_final["average"])
   fraction = reach / total_steps if reach is not None and total_steps else None
   speedup = total_steps / reach if reach and total_steps else None
-  return {"verdict_average": va["verdict"], "verdict_worst": vw["verdict"],
-          "delta_average": va["delta"], "delta_worst": vw["delta"],
-          "relative_average": va["relative"], "relative_worst": vw["relative"],
-          "domains_better": better, "num_domains": len(domains),
-          "baseline_diverged": base_final["diverged"],
-          "target_average": _clean(base_final["average"]),
-          "steps_to_reach": reach, "fraction_of_steps": fraction, "speedup": speedup}
+  return {
+      "verdict_average": va["verdict"],
+      "verdict_worst": vw["verdict"],
+      "delta_average": va["delta"],
+      "delta_worst": vw["delta"],
+      "relative_average": va["relative"],
+      "relative_worst": vw["relative"],
+      "domains_better": better,
+      "num_domains": len(domains),
+      "baseline_diverged": base_final["diverged"],
+      "target_average": _clean(base_final["average"]),
+      "steps_to_reach": reach,
+      "fraction_of_steps": fraction,
+      "speedup": speedup
+  }
 
 
 def _json_safe(x):
@@ -158,14 +170,21 @@ def compute_summary(study, tolerance=DEFAULT_TOLERANCE):
       b["verdict_average"] == "better" and b["verdict_worst"] == "better"
       for b in baselines.values())
   return _json_safe({
-      "name": study.get("name"), "mixture": study.get("mixture"), "domains": domains,
-      "tolerance": tolerance, "reference_run": DOREMI, "has_doremi": DOREMI in mains,
-      "total_steps": total, "num_rounds": len(rounds),
+      "name": study.get("name"),
+      "mixture": study.get("mixture"),
+      "domains": domains,
+      "tolerance": tolerance,
+      "reference_run": DOREMI,
+      "has_doremi": DOREMI in mains,
+      "total_steps": total,
+      "num_rounds": len(rounds),
       "converged": bool(study.get("converged", False)),
       "max_abs_change": rounds[-1].get("max_abs_change") if rounds else None,
       "doremi_weights": weights,
       "final": finals,
-      "baselines": baselines, "better_than_all_baselines": beats_all})
+      "baselines": baselines,
+      "better_than_all_baselines": beats_all
+  })
 
 
 # ---------------------------------------------------------------- markdown
@@ -219,15 +238,19 @@ def _reach_text(name, b):
 def _header_md(study, s):
   ec = study.get("equal_compute", {})
   mac = "n/a" if s["max_abs_change"] is None else f"{s['max_abs_change']:.4g}"
-  lines = [f"# DoReMi study: {s['name']}", "",
-           f"Mixture `{s['mixture']}` with {len(s['domains'])} domains. DoReMi ran "
-           f"{s['num_rounds']} round(s) (converged: {'yes' if s['converged'] else 'no'}; "
-           f"last max |avg - ref| = {mac}). Main models: "
-           + ", ".join(f"`{n}`" for n in study.get("mains", {})) + "."]
+  lines = [
+      f"# DoReMi study: {s['name']}", "",
+      f"Mixture `{s['mixture']}` with {len(s['domains'])} domains. DoReMi ran "
+      f"{s['num_rounds']} round(s) (converged: {'yes' if s['converged'] else 'no'}; "
+      f"last max |avg - ref| = {mac}). Main models: " +
+      ", ".join(f"`{n}`" for n in study.get("mains", {})) + "."
+  ]
   if ec:
-    lines += ["", f"Equal compute per main model: {ec.get('train_steps')} steps x "
-              f"{ec.get('batch_size')} sequences x {ec.get('seq_len')} tokens = "
-              f"{ec.get('tokens')} tokens."]
+    lines += [
+        "", f"Equal compute per main model: {ec.get('train_steps')} steps x "
+        f"{ec.get('batch_size')} sequences x {ec.get('seq_len')} tokens = "
+        f"{ec.get('tokens')} tokens."
+    ]
   cfg = _flatten(study.get("config", {}))
   if cfg:
     lines += ["", "## Configuration", "", _table(["key", "value"], cfg)]
@@ -252,16 +275,18 @@ def _weights_md(study, s):
 
 def _ppl_md(s):
   names = list(s["final"])
+
   def row(label, vals):
     fin = [v for v in vals if math.isfinite(_num(v))]
     best = min(fin) if fin else None
-    return [label] + [f"**{_f(v)}**" if best is not None and _num(v) == best else _f(v)
-                      for v in vals]
+    return [label
+           ] + [f"**{_f(v)}**" if best is not None and _num(v) == best else _f(v) for v in vals]
+
   rows = [row(d, [s["final"][n]["per_domain"][d] for n in names]) for d in s["domains"]]
   rows.append(row("**average**", [s["final"][n]["average"] for n in names]))
   rows.append(row("**worst**", [s["final"][n]["worst"] for n in names]))
-  return ("## Final held-out log-perplexity (nats/token; lower is better, best in bold)\n\n"
-          + _table(["domain"] + [f"`{n}`" for n in names], rows))
+  return ("## Final held-out log-perplexity (nats/token; lower is better, best in bold)\n\n" +
+          _table(["domain"] + [f"`{n}`" for n in names], rows))
 
 
 def _comparison_md(s):
@@ -271,23 +296,29 @@ def _comparison_md(s):
     return "\n".join(lines + ["No `doremi` main model in this study: no comparison."])
   if not s["baselines"]:
     return "\n".join(lines + ["No baselines in this study: no comparison."])
-  lines += [f"Verdict rule: difference = DoReMi - baseline; **equal** when |difference| <= "
-            f"{tol * 100:.2g}% of the baseline's value (the tolerance), else **better** "
-            "(lower) or **worse**. Each run has one seed, so differences under the tolerance "
-            "are noise. A NaN (diverged) DoReMi value counts as worse.", ""]
+  lines += [
+      f"Verdict rule: difference = DoReMi - baseline; **equal** when |difference| <= "
+      f"{tol * 100:.2g}% of the baseline's value (the tolerance), else **better** "
+      "(lower) or **worse**. Each run has one seed, so differences under the tolerance "
+      "are noise. A NaN (diverged) DoReMi value counts as worse.", ""
+  ]
   rows = []
   for n, b in s["baselines"].items():
-    rows.append([f"`{n}`",
-                 _verdict_text(b["verdict_average"], b["delta_average"],
-                               b["relative_average"], tol),
-                 _verdict_text(b["verdict_worst"], b["delta_worst"], b["relative_worst"], tol),
-                 f"better on {b['domains_better']}/{b['num_domains']} domains",
-                 _reach_text(n, b)])
-  lines.append(_table(["baseline", "average", "worst case", "domains", "steps to reach "
-                       "baseline"], rows))
-  lines += ["", "Steps to reach: the first step, linearly interpolated between eval points, "
-            "at which DoReMi's average log-perplexity is at most the baseline's final "
-            f"average; fractions are of {_f(s['total_steps'], 0)} total steps."]
+    rows.append([
+        f"`{n}`",
+        _verdict_text(b["verdict_average"], b["delta_average"], b["relative_average"], tol),
+        _verdict_text(b["verdict_worst"], b["delta_worst"], b["relative_worst"], tol),
+        f"better on {b['domains_better']}/{b['num_domains']} domains",
+        _reach_text(n, b)
+    ])
+  lines.append(
+      _table(["baseline", "average", "worst case", "domains", "steps to reach "
+              "baseline"], rows))
+  lines += [
+      "", "Steps to reach: the first step, linearly interpolated between eval points, "
+      "at which DoReMi's average log-perplexity is at most the baseline's final "
+      f"average; fractions are of {_f(s['total_steps'], 0)} total steps."
+  ]
   return "\n".join(lines)
 
 
@@ -305,9 +336,11 @@ def _closing_md(s):
     text = ("DoReMi's main model beat every baseline on both average and worst-case "
             "log-perplexity in this study. Treat this with care: " + indep + ". " + scale)
   else:
-    misses = [f"`{n}` (average: {b['verdict_average']}, worst case: {b['verdict_worst']})"
-              for n, b in s["baselines"].items()
-              if not (b["verdict_average"] == "better" and b["verdict_worst"] == "better")]
+    misses = [
+        f"`{n}` (average: {b['verdict_average']}, worst case: {b['verdict_worst']})"
+        for n, b in s["baselines"].items()
+        if not (b["verdict_average"] == "better" and b["verdict_worst"] == "better")
+    ]
     text = ("**DoReMi did not beat every baseline in this study.** It was not better on both "
             "average and worst-case log-perplexity than: " + ", ".join(misses) + ". This is "
             "not unusual: " + indep + ". " + scale)
@@ -349,8 +382,7 @@ def _save(fig, path):
 
 
 def _plot_trajectories(study, domains, path):
-  rounds = [r for r in study.get("rounds", [])
-            if (r.get("trajectory") or {}).get("domain_weights")]
+  rounds = [r for r in study.get("rounds", []) if (r.get("trajectory") or {}).get("domain_weights")]
   if not rounds:
     return None
   colors = _colors(len(domains))
@@ -397,10 +429,11 @@ def _bar_chart(groups, series, ylabel, title, path):
 
 def _plot_final_ppl(summary, path):
   final, domains = summary["final"], summary["domains"]
-  series = {n: [f["per_domain"][d] for d in domains] + [f["average"], f["worst"]]
-            for n, f in final.items()}
-  return _bar_chart(domains + ["average", "worst"], series,
-                    "final log-perplexity (nats/token)",
+  series = {
+      n: [f["per_domain"][d] for d in domains] + [f["average"], f["worst"]]
+      for n, f in final.items()
+  }
+  return _bar_chart(domains + ["average", "worst"], series, "final log-perplexity (nats/token)",
                     "Final held-out log-perplexity per domain (lower is better)", path)
 
 
@@ -412,8 +445,8 @@ def _plot_curves(study, path):
     steps = [_num(e.get("step")) for e in m["evals"]]
     for ax, key in zip(axes, ("average", "worst")):
       vals = [_eval_value(e, key) for e in m["evals"]]
-      ax.plot(steps, vals, marker="o", ms=3, lw=2.5 if n == DOREMI else 1.5,
-              color=color, label=n, zorder=3 if n == DOREMI else 2)
+      ax.plot(steps, vals, marker="o", ms=3, lw=2.5 if n == DOREMI else 1.5, color=color, label=n,
+              zorder=3 if n == DOREMI else 2)
   for ax, title in zip(axes, ("average", "worst-case")):
     ax.set_title(f"{title} log-perplexity")
     ax.set_xlabel("main-model step")
@@ -425,23 +458,28 @@ def _plot_curves(study, path):
 
 def _plot_weights(study, summary, path):
   domains = summary["domains"]
-  series = {n: [m["weights"].get(d) for d in domains]
-            for n, m in study.get("mains", {}).items() if m.get("weights")}
+  series = {
+      n: [m["weights"].get(d)
+          for d in domains] for n, m in study.get("mains", {}).items() if m.get("weights")
+  }
   if not series:
     return None
-  return _bar_chart(domains, series, "sampling weight", "Domain weights of each main model",
-                    path)
+  return _bar_chart(domains, series, "sampling weight", "Domain weights of each main model", path)
 
 
 def write_plots(study, summary, plot_dir):
   """Writes the PNGs into plot_dir; returns {name: file name} for those written."""
   os.makedirs(plot_dir, exist_ok=True)
   made = {
-      "trajectories": _plot_trajectories(study, summary["domains"],
-                                         os.path.join(plot_dir, "weight_trajectories.png")),
-      "final_ppl": _plot_final_ppl(summary, os.path.join(plot_dir, "final_log_ppl.png")),
-      "curves": _plot_curves(study, os.path.join(plot_dir, "log_ppl_vs_steps.png")),
-      "weights": _plot_weights(study, summary, os.path.join(plot_dir, "final_weights.png")),
+      "trajectories":
+          _plot_trajectories(study, summary["domains"],
+                             os.path.join(plot_dir, "weight_trajectories.png")),
+      "final_ppl":
+          _plot_final_ppl(summary, os.path.join(plot_dir, "final_log_ppl.png")),
+      "curves":
+          _plot_curves(study, os.path.join(plot_dir, "log_ppl_vs_steps.png")),
+      "weights":
+          _plot_weights(study, summary, os.path.join(plot_dir, "final_weights.png")),
   }
   return {k: os.path.basename(v) for k, v in made.items() if v}
 

@@ -6,7 +6,7 @@ Batches are dicts of [B, L] arrays: inputs, targets, loss_mask, segment_ids, pos
 domain_ids (1-based, 0 = padding).
 """
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -15,6 +15,7 @@ import optax
 
 from doremi_jax import doremi
 from doremi_jax import losses
+from doremi_jax.doremi import DoReMiConfig
 from doremi_jax.model import output_logits
 from doremi_jax.state import TrainState
 
@@ -25,10 +26,7 @@ class StepConfig:
   num_domains: int
   accum_steps: int = 1
   z_loss: float = 0.0
-  # DoReMi (proxy runs only).
-  eta: float = 1.0
-  smoothing: float = 1e-3
-  objective: str = "domain_mean"
+  doremi: Optional[DoReMiConfig] = None  # proxy runs: eta, smoothing, objective
 
 
 def _forward(model: nn.Module, params, batch, z_loss: float):
@@ -39,17 +37,19 @@ def _forward(model: nn.Module, params, batch, z_loss: float):
     logits = model.apply({"params": params}, *args)
     return losses.per_token_loss(logits, batch["targets"], batch["loss_mask"], z_loss=z_loss)
   hidden = model.apply({"params": params}, *args, return_hidden=True)
-  return losses.chunked_per_token_loss(
-      lambda h: output_logits(cfg, params, h), hidden, batch["targets"], batch["loss_mask"],
-      z_loss=z_loss, chunk=min(cfg.logits_chunk, hidden.shape[1]))
+  return losses.chunked_per_token_loss(lambda h: output_logits(cfg, params, h), hidden,
+                                       batch["targets"], batch["loss_mask"], z_loss=z_loss,
+                                       chunk=min(cfg.logits_chunk, hidden.shape[1]))
 
 
 def _microbatches(batch, accum_steps: int):
   """[B, L] -> [k, B/k, L]; microbatch i takes rows i, i+k, ... so each stays spread over
   the batch-sharded devices instead of living on a slice of them."""
+
   def split(x):
     b = x.shape[0]
     return x.reshape(b // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
+
   return jax.tree.map(split, batch)
 
 
@@ -57,8 +57,10 @@ def _accumulate(fn, batch, accum_steps: int, init):
   """Sum fn(microbatch) over microbatches (a scan; the full batch when accum_steps == 1)."""
   if accum_steps == 1:
     return fn(batch)
+
   def body(carry, mb):
     return jax.tree.map(jnp.add, carry, fn(mb)), None
+
   out, _ = jax.lax.scan(body, init, _microbatches(batch, accum_steps))
   return out
 
@@ -82,10 +84,12 @@ def train_step(state: TrainState, batch, *, model, tx, cfg: StepConfig):
   num_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
 
   def micro(mb):
+
     def loss_fn(params):
       ce, loss, mask = _forward(model, params, mb, cfg.z_loss)
       dom_sums, dom_counts = doremi.per_domain_sums(ce, mb["domain_ids"], mask, cfg.num_domains)
       return jnp.sum(loss) / num_tokens, (jnp.sum(ce), dom_sums, dom_counts)
+
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     return grads, loss, aux
 
@@ -93,8 +97,14 @@ def train_step(state: TrainState, batch, *, model, tx, cfg: StepConfig):
   init = (_zeros_like_params(state.params), 0.0, (0.0, jnp.zeros(k), jnp.zeros(k)))
   grads, loss, (ce_sum, dom_sums, dom_counts) = _accumulate(micro, batch, cfg.accum_steps, init)
   new_state = _apply_update(state, grads, tx)
-  metrics = {"loss": loss, "ce_loss": ce_sum / num_tokens, "grad_norm": optax.global_norm(grads),
-             "num_tokens": num_tokens, "domain_loss_sums": dom_sums, "domain_token_counts": dom_counts}
+  metrics = {
+      "loss": loss,
+      "ce_loss": ce_sum / num_tokens,
+      "grad_norm": optax.global_norm(grads),
+      "num_tokens": num_tokens,
+      "domain_loss_sums": dom_sums,
+      "domain_token_counts": dom_counts
+  }
   return new_state, metrics
 
 
@@ -107,60 +117,93 @@ def proxy_step(state: TrainState, ref_params, batch, *, model, ref_model, tx, cf
   accumulation, alpha_t is needed before any microbatch gradient, so a first pass computes
   the losses and a second recomputes the proxy forward for the gradients.
   """
-  k = cfg.num_domains
+  hp = cfg.doremi or DoReMiConfig()
   _, counts_K = doremi.per_domain_sums(batch["loss_mask"], batch["domain_ids"],
-                                       batch["loss_mask"].astype(jnp.float32), k)
+                                       batch["loss_mask"].astype(jnp.float32), cfg.num_domains)
+  parts = _ProxyParts(model, ref_model, ref_params, cfg, counts_K)
+  if cfg.accum_steps == 1:
 
-  def excess_sums(mb, proxy_ce):
-    ref_ce, _, mask = _forward(ref_model, ref_params, mb, 0.0)
+    def per_token(params):
+      ce, loss, _ = _forward(model, params, batch, cfg.z_loss)
+      return ce, loss
+
+    (ce, loss_BxL), vjp_fn = jax.vjp(per_token, state.params)
+    ex_sums, ce_sums, ref_sums = parts.excess_sums(batch, jax.lax.stop_gradient(ce))
+    dstate = doremi.step(state.doremi, ex_sums, counts_K, eta=hp.eta, smoothing=hp.smoothing)
+    w_BxL = parts.weights(dstate, batch)
+    (grads,) = vjp_fn((jnp.zeros_like(ce), w_BxL))
+    objective = jnp.sum(w_BxL * loss_BxL)
+  else:
+    grads, objective, dstate, (ce_sums, ref_sums) = parts.accumulated(state)(batch)
+  new_state = _apply_update(state, grads, tx, doremi=dstate)
+  num_tokens = jnp.maximum(jnp.sum(counts_K), 1.0)
+  metrics = {
+      "loss": objective,
+      "ce_loss": jnp.sum(ce_sums) / num_tokens,
+      "ref_loss": jnp.sum(ref_sums) / num_tokens,
+      "grad_norm": optax.global_norm(grads),
+      "num_tokens": num_tokens,
+      "domain_loss_sums": ce_sums,
+      "domain_token_counts": counts_K,
+      "domain_excess": dstate.lambda_K,
+      "domain_weights": dstate.alpha_K,
+      "avg_domain_weights": dstate.avg_alpha_K,
+  }
+  return new_state, metrics
+
+
+class _ProxyParts:
+  """The pieces of proxy_step: per-domain sums against the reference, token weights, and
+  the two-pass accumulated variant."""
+
+  def __init__(self, model, ref_model, ref_params, cfg: StepConfig, counts_K):
+    self.model, self.ref_model, self.ref_params = model, ref_model, ref_params
+    self.cfg, self.counts_K = cfg, counts_K
+    self.hp = cfg.doremi or DoReMiConfig()
+
+  def excess_sums(self, mb, proxy_ce):
+    """Per-domain sums of clipped excess, proxy loss and reference loss over mb."""
+    k = self.cfg.num_domains
+    ref_ce, _, mask = _forward(self.ref_model, self.ref_params, mb, 0.0)
     excess = doremi.clipped_excess(proxy_ce, jax.lax.stop_gradient(ref_ce), mask)
     ex_sums, _ = doremi.per_domain_sums(excess, mb["domain_ids"], mask, k)
     ce_sums, _ = doremi.per_domain_sums(proxy_ce, mb["domain_ids"], mask, k)
     ref_sums, _ = doremi.per_domain_sums(ref_ce, mb["domain_ids"], mask, k)
     return ex_sums, ce_sums, ref_sums
 
-  def weights_for(dstate, mb):
+  def weights(self, dstate, mb):
     return doremi.token_weights(dstate.alpha_K, mb["domain_ids"],
-                                mb["loss_mask"].astype(jnp.float32), counts_K, cfg.objective)
+                                mb["loss_mask"].astype(jnp.float32), self.counts_K,
+                                self.hp.objective)
 
-  if cfg.accum_steps == 1:
-    def per_token(params):
-      ce, loss, _ = _forward(model, params, batch, cfg.z_loss)
-      return ce, loss
-    (ce, loss_BxL), vjp_fn = jax.vjp(per_token, state.params)
-    ex_sums, ce_sums, ref_sums = excess_sums(batch, jax.lax.stop_gradient(ce))
-    dstate = doremi.step(state.doremi, ex_sums, counts_K, eta=cfg.eta, smoothing=cfg.smoothing)
-    w_BxL = weights_for(dstate, batch)
-    (grads,) = vjp_fn((jnp.zeros_like(ce), w_BxL))
-    objective = jnp.sum(w_BxL * loss_BxL)
-  else:
+  def accumulated(self, state):
+    """batch -> (grads, objective, new DoReMi state, (ce sums, ref sums)) in two passes."""
+    cfg, hp, k = self.cfg, self.hp, self.cfg.num_domains
+
     def first_pass(mb):
-      ce, _, _ = _forward(model, state.params, mb, 0.0)
-      return excess_sums(mb, ce)
-    zeros = (jnp.zeros(k), jnp.zeros(k), jnp.zeros(k))
-    ex_sums, ce_sums, ref_sums = _accumulate(first_pass, batch, cfg.accum_steps, zeros)
-    dstate = doremi.step(state.doremi, ex_sums, counts_K, eta=cfg.eta, smoothing=cfg.smoothing)
+      ce, _, _ = _forward(self.model, state.params, mb, 0.0)
+      return self.excess_sums(mb, ce)
 
-    def second_pass(mb):
-      w = weights_for(dstate, mb)
-      def obj(params):
-        _, loss, _ = _forward(model, params, mb, cfg.z_loss)
-        return jnp.sum(w * loss)
-      value, grads = jax.value_and_grad(obj)(state.params)
-      return grads, value
-    grads, objective = _accumulate(second_pass, batch, cfg.accum_steps,
-                                   (_zeros_like_params(state.params), 0.0))
+    def run(batch):
+      zeros = (jnp.zeros(k), jnp.zeros(k), jnp.zeros(k))
+      ex_sums, ce_sums, ref_sums = _accumulate(first_pass, batch, cfg.accum_steps, zeros)
+      dstate = doremi.step(state.doremi, ex_sums, self.counts_K, eta=hp.eta, smoothing=hp.smoothing)
 
-  new_state = _apply_update(state, grads, tx, doremi=dstate)
-  num_tokens = jnp.maximum(jnp.sum(counts_K), 1.0)
-  metrics = {
-      "loss": objective, "ce_loss": jnp.sum(ce_sums) / num_tokens,
-      "ref_loss": jnp.sum(ref_sums) / num_tokens, "grad_norm": optax.global_norm(grads),
-      "num_tokens": num_tokens, "domain_loss_sums": ce_sums, "domain_token_counts": counts_K,
-      "domain_excess": dstate.lambda_K, "domain_weights": dstate.alpha_K,
-      "avg_domain_weights": dstate.avg_alpha_K,
-  }
-  return new_state, metrics
+      def second_pass(mb):
+        w = self.weights(dstate, mb)
+
+        def obj(params):
+          _, loss, _ = _forward(self.model, params, mb, cfg.z_loss)
+          return jnp.sum(w * loss)
+
+        value, grads = jax.value_and_grad(obj)(state.params)
+        return grads, value
+
+      grads, objective = _accumulate(second_pass, batch, cfg.accum_steps,
+                                     (_zeros_like_params(state.params), 0.0))
+      return grads, objective, dstate, (ce_sums, ref_sums)
+
+    return run
 
 
 def eval_step(params, batch, *, model, cfg: StepConfig):
@@ -172,5 +215,5 @@ def eval_step(params, batch, *, model, cfg: StepConfig):
 
 def cast_params(params, dtype: Any):
   """A frozen reference's parameters in the compute dtype (float32 stays float32)."""
-  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                      params)
+  return jax.tree.map(lambda x: x.astype(dtype)
+                      if jnp.issubdtype(x.dtype, jnp.floating) else x, params)

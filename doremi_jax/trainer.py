@@ -54,8 +54,8 @@ def validate_shapes(*, model_cfg: TransformerConfig, mesh: Mesh, global_batch_si
     raise ValueError(f"BATCH_SIZE={global_batch_size} is not divisible by the {num_processes} "
                      f"hosts; each host feeds an equal slice.")
   for name, size, axis in (("num_heads", model_cfg.num_heads, "model"),
-                           ("mlp_dim", model_cfg.mlp_dim, "model"),
-                           ("emb_dim", model_cfg.emb_dim, "fsdp")):
+                           ("mlp_dim", model_cfg.mlp_dim, "model"), ("emb_dim", model_cfg.emb_dim,
+                                                                     "fsdp")):
     if size % mesh.shape[axis]:
       raise ValueError(f"{name}={size} is not divisible by the mesh's {axis} axis "
                        f"({mesh.shape[axis]}); change MESH_SHAPE or the model size.")
@@ -109,8 +109,10 @@ def _opt_state_shardings(tx, abstract_params, param_sh, repl):
   """Moments shaped like their parameter are sharded like it; the rest (counts, Adafactor's
   small factored moments) is replicated."""
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
+
   def pick(leaf, p_sharding, p_abstract):
     return p_sharding if getattr(leaf, "shape", None) == p_abstract.shape else repl
+
   return optax.tree_map_params(tx, pick, abstract_opt, param_sh, abstract_params,
                                transform_non_params=lambda _: repl)
 
@@ -118,29 +120,31 @@ def _opt_state_shardings(tx, abstract_params, param_sh, repl):
 def _in_mesh(fn, mesh: Mesh, rules):
   """fn traced with the mesh and logical-axis rules in context, so that the model's
   activation constraints (nn.with_logical_constraint) take effect."""
+
   @functools.wraps(fn)
   def wrapped(*args):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
       return fn(*args)
+
   return wrapped
 
 
 def _with_shardings(abstract, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                      shardings)
 
 
-def build_trainer(*, model_cfg: TransformerConfig, mesh: Mesh, global_batch_size: int,
-                  seq_len: int, total_steps: int, step_cfg: steps.StepConfig,
+def build_trainer(*, model_cfg: TransformerConfig, mesh: Mesh, global_batch_size: int, seq_len: int,
+                  total_steps: int, step_cfg: steps.StepConfig,
                   opt_cfg: optim.OptimizerConfig = optim.OptimizerConfig(),
                   rules=sharding_lib.DEFAULT_RULES,
-                  ref_model_cfg: Optional[TransformerConfig] = None,
-                  initial_alpha_K=None, initial_lambda: float = 0.0,
+                  ref_model_cfg: Optional[TransformerConfig] = None, initial_alpha_K=None,
                   num_processes: int = 1) -> Trainer:
   """Model, optimizer, abstract state, shardings and jitted steps for one run.
 
   A reference model config makes this a DoReMi (proxy) run: the state carries the domain
-  weights, and step_fn is proxy_step(state, ref_params, batch).
+  weights, and step_fn is proxy_step(state, ref_params, batch) with step_cfg.doremi's
+  settings (the paper's defaults when None).
   """
   validate_shapes(model_cfg=model_cfg, mesh=mesh, global_batch_size=global_batch_size,
                   seq_len=seq_len, accum_steps=step_cfg.accum_steps, total_steps=total_steps,
@@ -155,10 +159,11 @@ def build_trainer(*, model_cfg: TransformerConfig, mesh: Mesh, global_batch_size
 
   def init(rng):
     params = nn.meta.unbox(model.init(rng, dummy, dummy, dummy))["params"]
-    dstate = (doremi.init_state(num_domains, initial_lambda, initial_alpha_K)
-              if is_doremi else None)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      doremi=dstate)
+    initial_lambda = (step_cfg.doremi or doremi.DoReMiConfig()).initial_lambda
+    dstate = (
+        doremi.init_state(num_domains, initial_lambda, initial_alpha_K) if is_doremi else None)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), doremi=dstate)
 
   abstract_state = jax.eval_shape(init, jax.random.key(0))
   state_sh = TrainState(step=repl, params=param_sh, opt_state=opt_sh,
@@ -167,33 +172,46 @@ def build_trainer(*, model_cfg: TransformerConfig, mesh: Mesh, global_batch_size
   init_fn = jax.jit(init, out_shardings=state_sh)
 
   batch_sh = sharding_lib.batch_sharding(mesh, rules)
-  abstract_batch = {k: jax.ShapeDtypeStruct((global_batch_size, seq_len),
-                                            _BATCH_DTYPES.get(k, jnp.int32), sharding=batch_sh)
-                    for k in BATCH_KEYS}
-  trainer = Trainer(model_cfg=model_cfg, model=model, mesh=mesh, tx=tx, schedule=schedule, opt_cfg=opt_cfg,
-                    step_cfg=step_cfg, abstract_state=abstract_state, state_shardings=state_sh,
-                    batch_sharding=batch_sh, abstract_batch=abstract_batch, init_fn=init_fn,
-                    step_fn=None, eval_fn=None)
-  if is_doremi:
+  abstract_batch = {
+      k:
+          jax.ShapeDtypeStruct((global_batch_size, seq_len), _BATCH_DTYPES.get(k, jnp.int32),
+                               sharding=batch_sh) for k in BATCH_KEYS
+  }
+  trainer = Trainer(model_cfg=model_cfg, model=model, mesh=mesh, tx=tx, schedule=schedule,
+                    opt_cfg=opt_cfg, step_cfg=step_cfg, abstract_state=abstract_state,
+                    state_shardings=state_sh, batch_sharding=batch_sh,
+                    abstract_batch=abstract_batch, init_fn=init_fn, step_fn=None, eval_fn=None)
+  _jit_steps(trainer, model, tx, step_cfg, rules, ref_model_cfg)
+  return trainer
+
+
+def _jit_steps(trainer: Trainer, model, tx, step_cfg: steps.StepConfig, rules,
+               ref_model_cfg: Optional[TransformerConfig]) -> None:
+  """trainer.step_fn (train or proxy step) and eval_fn, jitted with shardings and donation."""
+  mesh, state_sh, batch_sh = trainer.mesh, trainer.state_shardings, trainer.batch_sharding
+  repl = sharding_lib.replicated(mesh)
+  param_sh = state_sh.params
+  if ref_model_cfg is not None:
     ref_model = Transformer(ref_model_cfg)
-    abstract_ref, ref_sh, _ = _param_shardings(ref_model, mesh, rules, seq_len)
+    abstract_ref, ref_sh, _ = _param_shardings(ref_model, mesh, rules,
+                                               trainer.abstract_batch["inputs"].shape[1])
     trainer.ref_model_cfg = ref_model_cfg
     trainer.abstract_ref_params = _with_shardings(abstract_ref, ref_sh)
     trainer.ref_shardings = ref_sh
     trainer.step_fn = jax.jit(
-        _in_mesh(functools.partial(steps.proxy_step, model=model, ref_model=ref_model, tx=tx,
-                                   cfg=step_cfg), mesh, rules),
-        in_shardings=(state_sh, ref_sh, batch_sh), out_shardings=(state_sh, repl),
+        _in_mesh(
+            functools.partial(steps.proxy_step, model=model, ref_model=ref_model, tx=tx,
+                              cfg=step_cfg), mesh,
+            rules), in_shardings=(state_sh, ref_sh, batch_sh), out_shardings=(state_sh, repl),
         donate_argnums=(0,))
   else:
     trainer.step_fn = jax.jit(
-        _in_mesh(functools.partial(steps.train_step, model=model, tx=tx, cfg=step_cfg),
-                 mesh, rules),
+        _in_mesh(
+            functools.partial(steps.train_step, model=model, tx=tx, cfg=step_cfg), mesh, rules),
         in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl), donate_argnums=(0,))
-  trainer.eval_fn = jax.jit(_in_mesh(functools.partial(steps.eval_step, model=model,
-                                                       cfg=step_cfg), mesh, rules),
-                            in_shardings=(param_sh, batch_sh), out_shardings=repl)
-  return trainer
+  trainer.eval_fn = jax.jit(
+      _in_mesh(functools.partial(steps.eval_step, model=model, cfg=step_cfg), mesh, rules),
+      in_shardings=(param_sh, batch_sh), out_shardings=repl)
 
 
 def step_args(trainer: Trainer, state, batch, ref_params=None):

@@ -78,8 +78,7 @@ def _signal_all(procs, sig) -> None:
 
 
 def run(argv, *, num_processes: int, devices_per_process: int, grace_seconds: float = 10.0,
-        host: str = "127.0.0.1", port: int = 0, python: str = sys.executable,
-        cwd=None) -> int:
+        host: str = "127.0.0.1", port: int = 0, python: str = sys.executable, cwd=None) -> int:
   """Starts the processes, streams their output, and returns the job's exit status."""
   if num_processes < 1 or devices_per_process < 1:
     raise ValueError("--num_processes and --devices_per_process must be >= 1.")
@@ -99,14 +98,17 @@ def run(argv, *, num_processes: int, devices_per_process: int, grace_seconds: fl
       t.start()
       pumps.append(t)
   with lock:
-    print(f"local_run: started {num_processes} processes x {devices_per_process} CPU devices, "
-          f"coordinator {coordinator}", file=sys.stderr, flush=True)
+    print(
+        f"local_run: started {num_processes} processes x {devices_per_process} CPU devices, "
+        f"coordinator {coordinator}", file=sys.stderr, flush=True)
 
   forwarded = []
+
   def forward(signum, frame):
     del frame
     forwarded.append(signum)
     _signal_all(procs, signum)
+
   previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
   try:
     failed = None
@@ -117,8 +119,9 @@ def run(argv, *, num_processes: int, devices_per_process: int, grace_seconds: fl
           if code not in (None, 0):
             failed = (i, code, time.monotonic())
             with lock:
-              print(f"local_run: process {i} {_describe(code)}; stopping the others "
-                    f"(grace {grace_seconds:g}s).", file=sys.stderr, flush=True)
+              print(
+                  f"local_run: process {i} {_describe(code)}; stopping the others "
+                  f"(grace {grace_seconds:g}s).", file=sys.stderr, flush=True)
             break
       if all(c is not None for c in codes):
         break
@@ -159,18 +162,18 @@ def main(argv=None) -> int:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--num_processes", type=int, default=2)
   parser.add_argument("--devices_per_process", type=int, default=4)
-  parser.add_argument("--grace_seconds", type=float, default=10.0,
-                      help="after a process fails, how long the others may take to stop "
-                           "on their own before they are terminated")
+  parser.add_argument(
+      "--grace_seconds", type=float, default=10.0,
+      help="after a process fails, how long the others may take to stop "
+      "on their own before they are terminated")
   parser.add_argument("--port", type=int, default=0, help="coordinator port (0: a free one)")
   parser.add_argument("--python", default=sys.executable, help="interpreter to run")
   args = parser.parse_args(own)
   if not child:
     parser.error("give the process command line after `--` (for example "
                  "`-- -m doremi_jax.train --gin_file=...`)")
-  return run(child, num_processes=args.num_processes,
-             devices_per_process=args.devices_per_process, grace_seconds=args.grace_seconds,
-             port=args.port, python=args.python)
+  return run(child, num_processes=args.num_processes, devices_per_process=args.devices_per_process,
+             grace_seconds=args.grace_seconds, port=args.port, python=args.python)
 
 
 if __name__ == "__main__":

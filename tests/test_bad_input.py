@@ -4,23 +4,17 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import gin
 import jax
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
+from doremi_jax import config as config_lib
+from doremi_jax import train as train_lib
+from tests import helpers
 
-from doremi_jax import config as config_lib  # noqa: E402
-from doremi_jax import train as train_lib  # noqa: E402
-
-BASE = ["--gin_file=gin/runs/reference.gin", "--gin_file=gin/models/tiny.gin",
-        "--gin_file=gin/mixtures/demo.gin", "--gin.TASK_FEATURE_LENGTHS={'targets': 32}",
-        "--gin.BATCH_SIZE=16", "--gin.TRAIN_STEPS=2"]
+BASE = ["--gin_file=gin/runs/reference.gin", *helpers.TINY_DEMO_FLAGS, "--gin.TRAIN_STEPS=2"]
 DOREMI = ["--gin_file=gin/runs/doremi.gin"]
 
 
@@ -45,9 +39,9 @@ def trained(tmp_path_factory):
   """A finished tiny run: the reference for DoReMi cases, a checkpoint for restart cases."""
   path = str(tmp_path_factory.mktemp("bad") / "trained")
   gin.clear_config()
-  config_lib.parse_gin(
-      [a.split("=", 1)[1] for a in BASE if a.startswith("--gin_file")],
-      [a[len("--gin."):] for a in BASE if a.startswith("--gin.")] + [f"MODEL_DIR='{path}'"])
+  config_lib.parse_gin([a.split("=", 1)[1] for a in BASE if a.startswith("--gin_file")],
+                       [a[len("--gin."):] for a in BASE if a.startswith("--gin.")] +
+                       [f"MODEL_DIR='{path}'"])
   try:
     train_lib.train()
   finally:
@@ -59,10 +53,12 @@ def trained(tmp_path_factory):
 def no_compile():
   """Fails the test if XLA compiles anything while it runs."""
   compiled = []
+
   def listener(event, duration, **kwargs):
     del duration, kwargs
     if event == "/jax/core/compile/backend_compile_duration":
       compiled.append(event)
+
   jax.monitoring.register_event_duration_secs_listener(listener)
   yield compiled
   jax.monitoring.unregister_event_duration_listener(listener)
@@ -96,8 +92,7 @@ def _fails(model_dir, args, *, match, no_compile):
 def test_unknown_gin_binding(tmp_path, no_compile):
   _fails(tmp_path / "run", ["--gin.train.no_such_setting=3"], match="no_such_setting",
          no_compile=no_compile)
-  _fails(tmp_path / "run", ["--gin.NoSuchThing.x=3"], match="NoSuchThing",
-         no_compile=no_compile)
+  _fails(tmp_path / "run", ["--gin.NoSuchThing.x=3"], match="NoSuchThing", no_compile=no_compile)
 
 
 def test_unknown_mixture(tmp_path, no_compile):
@@ -126,8 +121,8 @@ def test_train_steps_not_given(tmp_path, no_compile):
 
 
 def test_batch_not_divisible_by_data_parallel_size(tmp_path, no_compile):
-  _fails(tmp_path / "run", ["--gin.BATCH_SIZE=12"],
-         match=["BATCH_SIZE=12", "data-parallel size 8"], no_compile=no_compile)
+  _fails(tmp_path / "run", ["--gin.BATCH_SIZE=12"], match=["BATCH_SIZE=12", "data-parallel size 8"],
+         no_compile=no_compile)
 
 
 def test_sequence_over_max_len(tmp_path, no_compile):
@@ -179,9 +174,14 @@ def _edited_reference(trained, tmp_path, edit):
 
 
 def test_doremi_reference_with_another_vocabulary(trained, tmp_path, no_compile):
+
   def edit(info):
-    info["vocabulary"] = {"type": "SentencePieceVocabulary", "vocab_size": 32000,
-                          "model": "/x/spm.model"}
+    info["vocabulary"] = {
+        "type": "SentencePieceVocabulary",
+        "vocab_size": 32000,
+        "model": "/x/spm.model"
+    }
+
   ref = _edited_reference(trained, tmp_path, edit)
   _fails(tmp_path / "run", DOREMI + [f"--gin.REFERENCE_DIR='{ref}'"],
          match=["another vocabulary", "SentencePieceVocabulary"], no_compile=no_compile)
@@ -189,35 +189,36 @@ def test_doremi_reference_with_another_vocabulary(trained, tmp_path, no_compile)
 
 @pytest.mark.parametrize("change", ["order", "set"])
 def test_doremi_reference_with_other_domains(trained, tmp_path, no_compile, change):
+
   def edit(info):
     info["domains"] = (info["domains"][::-1] if change == "order" else info["domains"][:-1])
+
   ref = _edited_reference(trained, tmp_path, edit)
   _fails(tmp_path / "run", DOREMI + [f"--gin.REFERENCE_DIR='{ref}'"],
          match="another set or order of domains", no_compile=no_compile)
 
 
 @pytest.mark.parametrize("binding,match", [
-    ("DoReMiConfig.eta=0.0", "eta"), ("DoReMiConfig.eta=-1.0", "eta"),
-    ("DoReMiConfig.smoothing=1.0", "smoothing"), ("DoReMiConfig.smoothing=-0.1", "smoothing"),
+    ("DoReMiConfig.eta=0.0", "eta"),
+    ("DoReMiConfig.eta=-1.0", "eta"),
+    ("DoReMiConfig.smoothing=1.0", "smoothing"),
+    ("DoReMiConfig.smoothing=-0.1", "smoothing"),
     ("DoReMiConfig.smoothing=2.0", "smoothing"),
 ])
 def test_doremi_bad_hyperparameters(trained, tmp_path, no_compile, binding, match):
-  msg = _fails(tmp_path / "run", DOREMI + [f"--gin.REFERENCE_DIR='{trained}'",
-                                           f"--gin.{binding}"],
+  msg = _fails(tmp_path / "run", DOREMI + [f"--gin.REFERENCE_DIR='{trained}'", f"--gin.{binding}"],
                match=match, no_compile=no_compile)
   assert binding.split("=")[1] in msg
 
 
 def test_cli_exit_code_and_stderr(tmp_path):
   """The command line: non-zero exit, the message on stderr, no traceback."""
-  env = {k: v for k, v in os.environ.items() if not k.startswith("DOREMI_")}
-  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
   for extra, match in ((["--gin.train.no_such_setting=3"], "no_such_setting"),
                        (["--gin.MESH_SHAPE=(3, 1, 1)"], "MESH_SHAPE=(3, 1, 1)")):
-    proc = subprocess.run(
-        [sys.executable, "-m", "doremi_jax.train", *BASE, *extra,
-         f"--gin.MODEL_DIR='{tmp_path / 'run'}'"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = helpers.run([
+        sys.executable, "-m", "doremi_jax.train", *BASE, *extra,
+        f"--gin.MODEL_DIR='{tmp_path / 'run'}'"
+    ], timeout=120, check=False)
     assert proc.returncode != 0
     assert match in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -245,14 +246,13 @@ def test_doremi_model_dir_is_the_reference(trained, no_compile):
 
 
 def test_pack_across_domains_needs_the_natural_mixture(tmp_path, no_compile):
-  _fails(tmp_path / "run", ["--gin.train.pack_across_domains=True",
-                            "--gin.MIXTURE_OR_TASK_NAME='demo_uniform'"],
+  _fails(tmp_path / "run",
+         ["--gin.train.pack_across_domains=True", "--gin.MIXTURE_OR_TASK_NAME='demo_uniform'"],
          match=["pack_across_domains", "demo_natural"], no_compile=no_compile)
 
 
 def test_byte_vocabulary_cache_key_is_stable_across_processes():
   code = ("import seqio; from data_pipelines.vocab import vocab_key; "
           "print(vocab_key(seqio.ByteVocabulary()))")
-  keys = {subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout.strip() for _ in range(2)}
+  keys = {helpers.run([sys.executable, "-c", code]).stdout.strip() for _ in range(2)}
   assert keys == {"byte:0"}

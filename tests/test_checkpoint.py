@@ -17,8 +17,8 @@ def test_relative_model_dir_round_trip(tmp_path, monkeypatch):
 
   again = checkpoint.Checkpointer("runs/rel", save_every=1, keep=2)
   assert again.latest_step() == 7
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                         sharding=x.sharding), state)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          state)
   restored, restored_data = again.restore(7, abstract)
   again.close()
   np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])

@@ -1,24 +1,21 @@
 """Compile checks for TPU topologies on this CPU host, and the gin/hardware files."""
 import glob
 import os
-import sys
 
 import gin
 import pytest
 
-try:
-  from doremi_jax import compile_check as cc
-except ImportError:  # Not installed and pytest.ini sets no pythonpath: use the checkout.
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from doremi_jax import compile_check as cc  # pylint: disable=g-import-not-at-top
+from doremi_jax import compile_check as cc
+from tests import helpers
 
 # TPU topologies come from libtpu (`pip install -e '.[test]'` installs it; CI has it).
 pytest.importorskip("libtpu", reason="libtpu not installed: pip install 'jax[tpu]'")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--gin_file=gin/runs/doremi.gin", "--gin_file=gin/models/tiny.gin",
-        "--gin.TASK_FEATURE_LENGTHS={'targets': 128}", "--gin.TRAIN_STEPS=10",
-        "--gin.BATCH_SIZE=16", "--num_domains=7"]
+TINY = [
+    "--gin_file=gin/runs/doremi.gin", "--gin_file=gin/models/tiny.gin",
+    "--gin.TASK_FEATURE_LENGTHS={'targets': 128}", "--gin.TRAIN_STEPS=10", "--gin.BATCH_SIZE=16",
+    "--num_domains=7"
+]
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +27,7 @@ def _clean_gin():
 
 def _main(args, capsys):
   cwd = os.getcwd()
-  os.chdir(ROOT)
+  os.chdir(helpers.ROOT)
   try:
     rc = cc.main(args)
   finally:
@@ -40,9 +37,15 @@ def _main(args, capsys):
 
 
 @pytest.mark.parametrize("name,canonical", [
-    ("v5e:4x4", "v5e:4x4"), ("v5litepod-16", "v5e:4x4"), ("v5litepod-8", "v5e:2x4"),
-    ("v4-32", "v4:2x2x4"), ("v4-8", "v4:2x2x1"), ("v4:4x4x4", "v4:4x4x4"),
-    ("v5p-8", "v5p:2x2x1"), ("v6e-8", "v6e:2x4"), ("v3-8", "v3:2x2"),
+    ("v5e:4x4", "v5e:4x4"),
+    ("v5litepod-16", "v5e:4x4"),
+    ("v5litepod-8", "v5e:2x4"),
+    ("v4-32", "v4:2x2x4"),
+    ("v4-8", "v4:2x2x1"),
+    ("v4:4x4x4", "v4:4x4x4"),
+    ("v5p-8", "v5p:2x2x1"),
+    ("v6e-8", "v6e:2x4"),
+    ("v3-8", "v3:2x2"),
 ])
 def test_parse_topology(name, canonical):
   assert cc.parse_topology(name)[0] == canonical
@@ -55,8 +58,12 @@ def test_unknown_topology(name):
 
 
 @pytest.mark.parametrize("name,devices,hosts", [
-    ("v5e:2x2", 4, 1), ("v5e:2x4", 8, 1), ("v5e:4x4", 16, 4), ("v4:2x2x1", 4, 1),
-    ("v4:2x2x4", 16, 4), ("v5p:2x2x1", 4, 1),
+    ("v5e:2x2", 4, 1),
+    ("v5e:2x4", 8, 1),
+    ("v5e:4x4", 16, 4),
+    ("v4:2x2x1", 4, 1),
+    ("v4:2x2x4", 16, 4),
+    ("v5p:2x2x1", 4, 1),
 ])
 def test_topology_devices(name, devices, hosts):
   devs, _ = cc.topology_devices(name)
@@ -67,10 +74,12 @@ def test_topology_devices(name, devices, hosts):
 
 def test_hardware_gin_files_parse_and_match_their_topology():
   from doremi_jax import sharding
-  files = sorted(glob.glob(os.path.join(ROOT, "gin", "hardware", "*.gin")))
+  files = sorted(glob.glob(os.path.join(helpers.ROOT, "gin", "hardware", "*.gin")))
   names = {os.path.basename(f) for f in files}
-  assert {"cpu.gin", "cpu8.gin", "v5e_8.gin", "v5e_16.gin", "v5e_256.gin", "v4_8.gin",
-          "v4_32.gin", "v4_128.gin"} <= names
+  assert {
+      "cpu.gin", "cpu8.gin", "v5e_8.gin", "v5e_16.gin", "v5e_256.gin", "v4_8.gin", "v4_32.gin",
+      "v4_128.gin"
+  } <= names
   for path in files:
     gin.clear_config()
     gin.parse_config_file(path)
@@ -102,28 +111,32 @@ def test_topology_from_hardware_gin(capsys):
 
 
 def test_report_numbers():
-  from doremi_jax import steps
+  from doremi_jax import optim, run
   from doremi_jax.model import TransformerConfig
   # Large enough that the step needs temporaries (at 8 x 64 XLA needs none).
-  r = cc.check_config(topology="v5e:2x2", model_cfg=TransformerConfig(), global_batch_size=64,
-                      seq_len=256, step_cfg=steps.StepConfig(num_domains=3))
+  # AdamW: for the tiny model XLA reports no temporaries for the Adafactor step.
+  cfg = run.RunConfig(model_dir=None, mixture_or_task_name=None, seq_len=256, train_steps=1000,
+                      batch_size=64, model=TransformerConfig(),
+                      optimizer=optim.OptimizerConfig(name="adamw"))
+  r = cc.check_config(cfg, topology="v5e:2x2", num_domains=3)
   assert r.fits and r.num_devices == 4 and r.mesh_shape == {"data": 1, "fsdp": 4, "model": 1}
   assert r.argument_bytes > 0 and r.temp_bytes > 0 and r.flops_per_device > 0
-  assert r.total_bytes == (r.argument_bytes + r.output_bytes - r.alias_bytes + r.temp_bytes
-                           + r.code_bytes)
+  assert r.total_bytes == (
+      r.argument_bytes + r.output_bytes - r.alias_bytes + r.temp_bytes + r.code_bytes)
   assert r.hbm_bytes == 16 * cc.GiB
 
 
 def test_oversized_does_not_fit(capsys):
   # 4096-wide, 32k vocabulary, 512 x 1024 tokens on 4 v5e chips: the logits alone are
   # ~16 GiB per chip.
-  rc, out, err = _main(
-      ["--gin_file=gin/runs/main.gin", "--gin_file=gin/models/tiny.gin",
-       "--gin.TransformerConfig.emb_dim=4096", "--gin.TransformerConfig.num_heads=32",
-       "--gin.TransformerConfig.head_dim=128", "--gin.TransformerConfig.mlp_dim=14336",
-       "--gin.TransformerConfig.vocab_size=32000", "--gin.TransformerConfig.dtype='bfloat16'",
-       "--gin.TASK_FEATURE_LENGTHS={'targets': 1024}", "--gin.BATCH_SIZE=512",
-       "--gin.TRAIN_STEPS=1000", "--num_domains=7", "--topology=v5e:2x2"], capsys)
+  rc, out, err = _main([
+      "--gin_file=gin/runs/main.gin", "--gin_file=gin/models/tiny.gin",
+      "--gin.TransformerConfig.emb_dim=4096", "--gin.TransformerConfig.num_heads=32",
+      "--gin.TransformerConfig.head_dim=128", "--gin.TransformerConfig.mlp_dim=14336",
+      "--gin.TransformerConfig.vocab_size=32000", "--gin.TransformerConfig.dtype='bfloat16'",
+      "--gin.TASK_FEATURE_LENGTHS={'targets': 1024}", "--gin.BATCH_SIZE=512",
+      "--gin.TRAIN_STEPS=1000", "--num_domains=7", "--topology=v5e:2x2"
+  ], capsys)
   assert rc == 1, err
   assert "train step on v5e:2x2" in out and "DOES NOT FIT: needs" in out
   assert "temporaries" in out and "GiB over the 16 GiB of HBM" in out
@@ -153,10 +166,11 @@ def test_batch_not_divisible_by_hosts(capsys):
 
 @pytest.mark.slow
 def test_280m_proxy_with_reference_on_v5e(capsys):
-  rc, out, err = _main(["--gin_file=gin/runs/doremi.gin", "--gin_file=gin/models/280m.gin",
-                        "--gin_file=gin/hardware/v5e_16.gin",
-                        "--gin.TASK_FEATURE_LENGTHS={'targets': 1024}", "--gin.BATCH_SIZE=32",
-                        "--gin.TRAIN_STEPS=200000", "--num_domains=22"], capsys)
+  rc, out, err = _main([
+      "--gin_file=gin/runs/doremi.gin", "--gin_file=gin/models/280m.gin",
+      "--gin_file=gin/hardware/v5e_16.gin", "--gin.TASK_FEATURE_LENGTHS={'targets': 1024}",
+      "--gin.BATCH_SIZE=32", "--gin.TRAIN_STEPS=200000", "--num_domains=22"
+  ], capsys)
   assert rc in (0, 1), err
   assert "proxy step (DoReMi, with reference) on v5e:4x4 (16 x TPU v5e" in out
   assert "model 309.9M params, reference 309.9M params" in out
@@ -166,10 +180,11 @@ def test_280m_proxy_with_reference_on_v5e(capsys):
 
 @pytest.mark.slow
 def test_8b_on_v5e_2x2_does_not_fit(capsys):
-  rc, out, err = _main(["--gin_file=gin/runs/main.gin", "--gin_file=gin/models/8b.gin",
-                        "--gin.TASK_FEATURE_LENGTHS={'targets': 1024}", "--gin.BATCH_SIZE=512",
-                        "--gin.TRAIN_STEPS=1000", "--num_domains=22", "--topology=v5e:2x2"],
-                       capsys)
+  rc, out, err = _main([
+      "--gin_file=gin/runs/main.gin", "--gin_file=gin/models/8b.gin",
+      "--gin.TASK_FEATURE_LENGTHS={'targets': 1024}", "--gin.BATCH_SIZE=512",
+      "--gin.TRAIN_STEPS=1000", "--num_domains=22", "--topology=v5e:2x2"
+  ], capsys)
   assert rc == 1, err
   assert "DOES NOT FIT" in out
   print(out)

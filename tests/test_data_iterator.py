@@ -1,39 +1,34 @@
 """Packed domain cache, deterministic per-host batches, resume, eval batches."""
 import logging
 import os
-import sys
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data_pipelines  # pylint: disable=g-import-not-at-top
-from data_pipelines import sources  # pylint: disable=g-import-not-at-top
-from doremi_jax import data  # pylint: disable=g-import-not-at-top
+import data_pipelines
+from data_pipelines import sources
+from doremi_jax import data
 
 L = 64
-KEYS = {"inputs", "targets", "loss_mask", "segment_ids", "positions",
-        "domain_ids"}
+KEYS = {"inputs", "targets", "loss_mask", "segment_ids", "positions", "domain_ids"}
 
 
 def _docs(prefix, n, size):
   rng = np.random.default_rng(len(prefix))
-  return [f"{prefix} {i} " + "x" * int(rng.integers(1, size))
-          for i in range(n)]
+  return [f"{prefix} {i} " + "x" * int(rng.integers(1, size)) for i in range(n)]
 
 
-DOMAINS = {"aa": _docs("aa", 40, 120), "bb": _docs("bb", 12, 60),
-           "cc": _docs("cc", 25, 300)}
+DOMAINS = {"aa": _docs("aa", 40, 120), "bb": _docs("bb", 12, 60), "cc": _docs("cc", 25, 300)}
 
 
 def _set(name, docs, val_docs=None):
+
   def make(d):
     val = val_docs[d] if val_docs is not None else d[:3]
-    return sources.generator_source(
-        lambda split: iter(d if split == "train" else val),
-        fingerprint=str(hash((tuple(d), tuple(val)))))
-  return data_pipelines.register_domain_set(
-      name, {k: make(v) for k, v in docs.items()})
+    return sources.generator_source(lambda split: iter(d if split == "train" else val),
+                                    fingerprint=str(hash((tuple(d), tuple(val)))))
+
+  return data_pipelines.register_domain_set(name, {k: make(v) for k, v in docs.items()})
 
 
 @pytest.fixture(scope="module")
@@ -46,18 +41,13 @@ def packed(tmp_path_factory):
 
 
 def test_pack_documents():
-  out = data.pack_documents([np.array([5, 6, 1]), np.array([7, 1]),
-                             np.array([8, 9, 10, 1])], [1, 2, 1], 4)
-  np.testing.assert_array_equal(out["targets"],
-                                [[5, 6, 1, 7], [1, 8, 9, 10], [1, 0, 0, 0]])
-  np.testing.assert_array_equal(out["segment_ids"],
-                                [[1, 1, 1, 2], [1, 2, 2, 2], [1, 0, 0, 0]])
-  np.testing.assert_array_equal(out["positions"],
-                                [[0, 1, 2, 0], [0, 0, 1, 2], [0, 0, 0, 0]])
-  np.testing.assert_array_equal(out["inputs"],
-                                [[0, 5, 6, 0], [0, 0, 8, 9], [0, 0, 0, 0]])
-  np.testing.assert_array_equal(out["domain_ids"],
-                                [[1, 1, 1, 2], [2, 1, 1, 1], [1, 0, 0, 0]])
+  out = data.pack_documents([np.array(
+      [5, 6, 1]), np.array([7, 1]), np.array([8, 9, 10, 1])], [1, 2, 1], 4)
+  np.testing.assert_array_equal(out["targets"], [[5, 6, 1, 7], [1, 8, 9, 10], [1, 0, 0, 0]])
+  np.testing.assert_array_equal(out["segment_ids"], [[1, 1, 1, 2], [1, 2, 2, 2], [1, 0, 0, 0]])
+  np.testing.assert_array_equal(out["positions"], [[0, 1, 2, 0], [0, 0, 1, 2], [0, 0, 0, 0]])
+  np.testing.assert_array_equal(out["inputs"], [[0, 5, 6, 0], [0, 0, 8, 9], [0, 0, 0, 0]])
+  np.testing.assert_array_equal(out["domain_ids"], [[1, 1, 1, 2], [2, 1, 1, 1], [1, 0, 0, 0]])
 
 
 def test_build_and_cache(packed):
@@ -69,17 +59,14 @@ def test_build_and_cache(packed):
     assert (ids == i + 1).all()  # within-domain packing: one domain per row
     assert packed.num_tokens[d] == sum(len(t) + 1 for t in DOMAINS[d])
   assert packed.mixture_rates["cc"] > packed.mixture_rates["bb"]
-  again = data.PackedDomains.build("itr_natural", "train", L,
-                                   cache_dir=packed.cache)
+  again = data.PackedDomains.build("itr_natural", "train", L, cache_dir=packed.cache)
   for d in packed.names:
-    np.testing.assert_array_equal(again.arrays[d]["targets"],
-                                  packed.arrays[d]["targets"])
+    np.testing.assert_array_equal(again.arrays[d]["targets"], packed.arrays[d]["targets"])
   assert len(os.listdir(packed.cache)) == 1
 
 
 def test_pack_across_domains(packed):
-  mixed = data.PackedDomains.build("itr_uniform", "train", L,
-                                   cache_dir=packed.cache,
+  mixed = data.PackedDomains.build("itr_uniform", "train", L, cache_dir=packed.cache,
                                    pack_across_domains=True)
   a = mixed.arrays[data.MIXED_POOL]
   seg, ids, tgt = a["segment_ids"], a["domain_ids"], a["targets"]
@@ -104,14 +91,12 @@ def test_batch_keys_and_semantics(packed):
   np.testing.assert_array_equal(b["loss_mask"], b["segment_ids"] > 0)
   np.testing.assert_array_equal(b["domain_ids"] > 0, b["segment_ids"] > 0)
   nxt = b["positions"] > 0
-  np.testing.assert_array_equal(b["inputs"][:, 1:][nxt[:, 1:]],
-                                b["targets"][:, :-1][nxt[:, 1:]])
+  np.testing.assert_array_equal(b["inputs"][:, 1:][nxt[:, 1:]], b["targets"][:, :-1][nxt[:, 1:]])
   assert (b["inputs"][b["positions"] == 0] == 0).all()
 
 
 def test_stratified(packed):
-  it = data.BatchIterator(packed, global_batch_size=8, seed=1,
-                          sampling="stratified")
+  it = data.BatchIterator(packed, global_batch_size=8, seed=1, sampling="stratified")
   extra = []
   for _ in range(6):
     b = next(it)
@@ -123,8 +108,7 @@ def test_stratified(packed):
 
 
 def test_mixture_and_explicit_weights(packed):
-  it = data.BatchIterator(packed, global_batch_size=64, seed=0,
-                          sampling={"bb": 1.0})
+  it = data.BatchIterator(packed, global_batch_size=64, seed=0, sampling={"bb": 1.0})
   assert (next(it)["domain_ids"][:, 0] == 2).all()
   it = data.BatchIterator(packed, global_batch_size=64, seed=0)
   ids = np.concatenate([next(it)["domain_ids"][:, 0] for _ in range(10)])
@@ -132,8 +116,7 @@ def test_mixture_and_explicit_weights(packed):
   rates = np.array([packed.mixture_rates[d] for d in packed.names])
   assert np.abs(frac - rates).max() < 0.06
   with pytest.raises(ValueError, match="Unknown domains"):
-    data.BatchIterator(packed, global_batch_size=4, seed=0,
-                       sampling={"zz": 1.0})
+    data.BatchIterator(packed, global_batch_size=4, seed=0, sampling={"zz": 1.0})
 
 
 def _run(it, n):
@@ -162,20 +145,19 @@ def test_determinism_and_resume(packed):
 def test_host_slices_concatenate_to_global(packed):
   kw = dict(global_batch_size=12, seed=5, sampling="stratified")
   glob = _run(data.BatchIterator(packed, **kw), 4)
-  hosts = [_run(data.BatchIterator(packed, process_index=p, process_count=3,
-                                   **kw), 4) for p in range(3)]
+  hosts = [
+      _run(data.BatchIterator(packed, process_index=p, process_count=3, **kw), 4) for p in range(3)
+  ]
   for s in range(4):
     for k in KEYS:
-      np.testing.assert_array_equal(
-          np.concatenate([h[s][k] for h in hosts]), glob[s][k])
+      np.testing.assert_array_equal(np.concatenate([h[s][k] for h in hosts]), glob[s][k])
   with pytest.raises(ValueError, match="not divisible by process_count=5"):
     data.BatchIterator(packed, global_batch_size=12, seed=0, process_count=5)
 
 
 def test_no_repeats_within_a_pass(packed, caplog):
   n_bb = packed.num_sequences["bb"]
-  it = data.BatchIterator(packed, global_batch_size=4, seed=0,
-                          sampling={"bb": 1.0})
+  it = data.BatchIterator(packed, global_batch_size=4, seed=0, sampling={"bb": 1.0})
   with caplog.at_level(logging.INFO):
     rows = np.concatenate([next(it)["targets"] for _ in range(n_bb // 4 + 1)])
   assert "domain bb: starting pass 2" in caplog.text
@@ -190,8 +172,7 @@ def test_no_repeats_within_a_pass(packed, caplog):
 
 
 def test_eval_batches(packed):
-  val = data.PackedDomains.build("itr_natural", "validation", L,
-                                 cache_dir=packed.cache)
+  val = data.PackedDomains.build("itr_natural", "validation", L, cache_dir=packed.cache)
   total = sum(val.num_sequences.values())
   batches = list(data.eval_batches(val, 4))
   assert len(batches) == -(-total // 4)
@@ -203,20 +184,18 @@ def test_eval_batches(packed):
   hosts = [list(data.eval_batches(val, 4, p, 2)) for p in range(2)]
   for s, b in enumerate(batches):
     np.testing.assert_array_equal(
-        np.concatenate([hosts[0][s]["targets"], hosts[1][s]["targets"]]),
-        b["targets"])
+        np.concatenate([hosts[0][s]["targets"], hosts[1][s]["targets"]]), b["targets"])
 
 
 def test_errors(tmp_path):
   _set("itr_empty", {"full": ["some text"], "void": []})
   with pytest.raises(ValueError, match="'void' has no documents"):
-    data.PackedDomains.build("itr_empty_uniform", "train", L,
-                             cache_dir=str(tmp_path))
-  data_pipelines.register_domain_set("itr_noval3", {
-      "a": sources.generator_source(
-          lambda s: iter(["x"] if s == "train" else [])),
-      "b": sources.generator_source(lambda s: iter(["y"]))})
+    data.PackedDomains.build("itr_empty_uniform", "train", L, cache_dir=str(tmp_path))
+  data_pipelines.register_domain_set(
+      "itr_noval3", {
+          "a": sources.generator_source(lambda s: iter(["x"] if s == "train" else [])),
+          "b": sources.generator_source(lambda s: iter(["y"]))
+      })
   with pytest.raises(ValueError, match="'a' has no documents in split "
                      "'validation'"):
-    data.PackedDomains.build("itr_noval3_uniform", "validation", L,
-                             cache_dir=str(tmp_path))
+    data.PackedDomains.build("itr_noval3_uniform", "validation", L, cache_dir=str(tmp_path))

@@ -1,18 +1,17 @@
 """SeqIO registration, domain ids, packing, SeqIO compatibility, demo corpus."""
 import builtins
 import os
-import sys
 
 import gin
 import numpy as np
 import pytest
 import seqio
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data_pipelines  # pylint: disable=g-import-not-at-top
+import data_pipelines
 from data_pipelines import core
 from data_pipelines import demo
 from data_pipelines import sources
+from tests import helpers
 
 DOCS = {
     "Zeta-Web": ["zeta one " * 20, "zeta two " * 3, "zeta three"],
@@ -22,15 +21,13 @@ DOCS = {
 
 
 def _source(docs):
-  return sources.generator_source(
-      lambda split: iter(docs if split == "train" else docs[:1]),
-      fingerprint=str(hash(tuple(docs))))
+  return sources.generator_source(lambda split: iter(docs if split == "train" else docs[:1]),
+                                  fingerprint=str(hash(tuple(docs))))
 
 
 @pytest.fixture(scope="module")
 def tiny_set():
-  return data_pipelines.register_domain_set(
-      "Tiny-Set", {k: _source(v) for k, v in DOCS.items()})
+  return data_pipelines.register_domain_set("Tiny-Set", {k: _source(v) for k, v in DOCS.items()})
 
 
 def test_sanitize():
@@ -47,13 +44,11 @@ def test_domain_order_follows_sorted_task_names(tiny_set):
   assert tiny_set.original_names["zeta_web"] == "Zeta-Web"
   pairs = data_pipelines.domain_tasks("tiny_set_natural")
   assert [d for d, _ in pairs] == names
-  assert data_pipelines.task_for_domain("tiny_set", "Zeta-Web").name == (
-      "tiny_set_zeta_web")
+  assert data_pipelines.task_for_domain("tiny_set", "Zeta-Web").name == ("tiny_set_zeta_web")
   rates = data_pipelines.mixture_rates("tiny_set_uniform")
   assert rates == pytest.approx({d: 1 / 3 for d in names})
   for i, (dom, task) in enumerate(pairs):
-    for ex in task.get_dataset(None, split="train",
-                               shuffle=False).as_numpy_iterator():
+    for ex in task.get_dataset(None, split="train", shuffle=False).as_numpy_iterator():
       assert ex["targets"][-1] == 1  # EOS
       assert ex["domain_ids"].shape == ex["targets"].shape
       assert (ex["domain_ids"] == i + 1).all(), dom
@@ -61,17 +56,15 @@ def test_domain_order_follows_sorted_task_names(tiny_set):
 
 def test_natural_mixture_rates_are_token_proportions(tiny_set):
   rates = data_pipelines.mixture_rates("tiny_set_natural")
-  counts = {core.sanitize(k): sum(len(d.encode()) + 1 for d in v)
-            for k, v in DOCS.items()}
+  counts = {core.sanitize(k): sum(len(d.encode()) + 1 for d in v) for k, v in DOCS.items()}
   total = sum(counts.values())
   assert rates == pytest.approx({k: v / total for k, v in counts.items()})
 
 
 def test_stock_decoder_feature_converter(tiny_set):
-  ds = seqio.get_dataset(
-      "tiny_set_uniform", task_feature_lengths={"targets": 32},
-      dataset_split="train", shuffle=False, num_epochs=1,
-      feature_converter=seqio.DecoderFeatureConverter(pack=True))
+  ds = seqio.get_dataset("tiny_set_uniform", task_feature_lengths={"targets": 32},
+                         dataset_split="train", shuffle=False, num_epochs=1,
+                         feature_converter=seqio.DecoderFeatureConverter(pack=True))
   ex = next(ds.as_numpy_iterator())
   assert "domain_ids" not in ex
   assert ex["decoder_target_tokens"].shape == (32,)
@@ -93,29 +86,34 @@ def test_seqio_packing_carries_domain_ids(tiny_set):
 
 def test_long_documents_are_chunked_not_truncated(tiny_set):
   task = seqio.get_mixture_or_task("tiny_set_zeta_web")
-  full = [ex["targets"] for ex in task.get_dataset(
-      None, split="train", shuffle=False).as_numpy_iterator()]
-  chunks = [ex["targets"] for ex in task.get_dataset(
-      {"targets": 16}, split="train", shuffle=False).as_numpy_iterator()]
+  full = [
+      ex["targets"]
+      for ex in task.get_dataset(None, split="train", shuffle=False).as_numpy_iterator()
+  ]
+  chunks = [
+      ex["targets"] for ex in task.get_dataset({
+          "targets": 16
+      }, split="train", shuffle=False).as_numpy_iterator()
+  ]
   assert max(len(c) for c in chunks) == 16
   np.testing.assert_array_equal(np.concatenate(full), np.concatenate(chunks))
 
 
 def test_unknown_domain_in_mixture(tiny_set):
   with pytest.raises(ValueError, match="unknown domain 'nope'"):
-    data_pipelines.register_mixture("tiny_bad", {"nope": 1.0},
-                                    domain_set="tiny_set")
+    data_pipelines.register_mixture("tiny_bad", {"nope": 1.0}, domain_set="tiny_set")
 
 
 def test_mixture_from_weights(tiny_set, tmp_path):
   path = str(tmp_path / "w.json")
-  data_pipelines.write_weights(path, {"Zeta-Web": 3.0, "alpha_books": 1.0},
-                               step=7)
-  mix = data_pipelines.register_mixture_from_weights(path,
-                                                     domain_set="tiny_set")
+  data_pipelines.write_weights(path, {"Zeta-Web": 3.0, "alpha_books": 1.0}, step=7)
+  mix = data_pipelines.register_mixture_from_weights(path, domain_set="tiny_set")
   assert mix.name == "tiny_set_doremi"
-  assert data_pipelines.mixture_rates("tiny_set_doremi") == pytest.approx(
-      {"alpha_books": 0.25, "mid_code": 0.0, "zeta_web": 0.75})
+  assert data_pipelines.mixture_rates("tiny_set_doremi") == pytest.approx({
+      "alpha_books": 0.25,
+      "mid_code": 0.0,
+      "zeta_web": 0.75
+  })
   assert data_pipelines.domain_names("tiny_set_doremi") == (
       data_pipelines.domain_names("tiny_set_uniform"))
 
@@ -145,8 +143,7 @@ def test_demo_corpus(small_demo):
   again = demo.build_corpus(os.path.join(small_demo, "again"))
   assert again["domains"] == m["domains"]  # deterministic
   task = data_pipelines.task_for_domain("demo_natural", "structured")
-  ex = next(task.get_dataset(None, split="validation",
-                             shuffle=False).as_numpy_iterator())
+  ex = next(task.get_dataset(None, split="validation", shuffle=False).as_numpy_iterator())
   assert ex["targets_pretokenized"].startswith(b"U+")
 
 
@@ -164,7 +161,7 @@ def test_demo_missing_package_message(monkeypatch):
 
 
 def test_gin_mixture_files_parse():
-  root = os.path.join(os.path.dirname(__file__), "..", "gin", "mixtures")
+  root = os.path.join(helpers.ROOT, "gin", "mixtures")
   for name in ("demo.gin", "demo_uniform.gin", "pile.gin", "slimpajama.gin"):
     gin.clear_config()
     gin.parse_config_files_and_bindings([os.path.join(root, name)], [])
@@ -191,8 +188,7 @@ def test_demo_packed_and_natural_rates(small_demo):
                                     cache_dir=os.path.join(small_demo, "pk"))
   assert packed.names == sorted(demo.DOMAINS)
   total = sum(packed.num_tokens.values())
-  assert packed.mixture_rates == pytest.approx(
-      {d: n / total for d, n in packed.num_tokens.items()})
+  assert packed.mixture_rates == pytest.approx({d: n / total for d, n in packed.num_tokens.items()})
   val = data.PackedDomains.build("demo_natural", "validation", 64,
                                  cache_dir=os.path.join(small_demo, "pk"))
   assert all(n > 0 for n in val.num_sequences.values())

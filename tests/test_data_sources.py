@@ -2,19 +2,17 @@
 directories of files, a JSONL with a domain field, TFDS, SentencePiece."""
 import json
 import os
-import sys
 
 import pytest
 import seqio
 import zstandard
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data_pipelines  # pylint: disable=g-import-not-at-top
-from data_pipelines import custom  # pylint: disable=g-import-not-at-top
-from data_pipelines import pile  # pylint: disable=g-import-not-at-top
-from data_pipelines import slimpajama  # pylint: disable=g-import-not-at-top
-from data_pipelines import sources  # pylint: disable=g-import-not-at-top
-from data_pipelines import vocab  # pylint: disable=g-import-not-at-top
+import data_pipelines
+from data_pipelines import custom
+from data_pipelines import pile
+from data_pipelines import slimpajama
+from data_pipelines import sources
+from data_pipelines import vocab
 
 
 def _write_jsonl(path, rows, zst=False):
@@ -28,22 +26,22 @@ def _write_jsonl(path, rows, zst=False):
 
 def _texts(task_name, split="train"):
   task = seqio.get_mixture_or_task(task_name)
-  return [ex["text"].decode() for ex in task.source.get_dataset(
-      split=split, shuffle=False).as_numpy_iterator()]
+  return [
+      ex["text"].decode()
+      for ex in task.source.get_dataset(split=split, shuffle=False).as_numpy_iterator()
+  ]
 
 
 def test_pile_layout(tmp_path):
   names = ["Pile-CC", "Gutenberg (PG-19)", "Wikipedia (en)"]
-  rows = [{"text": f"{n} doc {i}", "meta": {"pile_set_name": n}}
-          for i in range(4) for n in names]
+  rows = [{"text": f"{n} doc {i}", "meta": {"pile_set_name": n}} for i in range(4) for n in names]
   _write_jsonl(str(tmp_path / "train" / "00.jsonl.zst"), rows, zst=True)
   _write_jsonl(str(tmp_path / "val.jsonl.zst"), rows[:3], zst=True)
   dset = pile.register(str(tmp_path))
   assert len(dset.domains) == 22
   assert "pile_pile_cc" in seqio.TaskRegistry.names()
   assert dset.original_names["gutenberg_pg_19"] == "Gutenberg (PG-19)"
-  assert _texts("pile_gutenberg_pg_19") == [
-      f"Gutenberg (PG-19) doc {i}" for i in range(4)]
+  assert _texts("pile_gutenberg_pg_19") == [f"Gutenberg (PG-19) doc {i}" for i in range(4)]
   assert _texts("pile_pile_cc", "validation") == ["Pile-CC doc 0"]
   assert _texts("pile_arxiv") == []
   rates = data_pipelines.mixture_rates("pile_doremi_280m")
@@ -55,31 +53,35 @@ def test_pile_layout(tmp_path):
   assert data_pipelines.mixture_rates("pile_natural", natural_counts=ones)["pile_cc"] == (
       pytest.approx(0.1121, abs=1e-3))
   # pipeline.natural_weights='counted': this tokenizer's counts x the Pile's epochs.
-  counted = data_pipelines.natural_weights("pile", counts=ones,
-                                           epochs=dset.metadata["epochs"])
+  counted = data_pipelines.natural_weights("pile", counts=ones, epochs=dset.metadata["epochs"])
   assert counted["wikipedia_en"] / counted["pile_cc"] == pytest.approx(3.0)
   assert counted["gutenberg_pg_19"] / counted["books3"] == pytest.approx(2.5 / 1.5)
 
 
 def test_slimpajama_layout(tmp_path):
   for split, n in (("train", 3), ("validation", 1)):
-    rows = [{"text": f"{s} {i}", "meta": {"redpajama_set_name": s}}
-            for s in slimpajama.SET_NAMES for i in range(n)]
-    _write_jsonl(str(tmp_path / split / "chunk1" / f"ex_{split}_0.jsonl.zst"),
-                 rows, zst=True)
+    rows = [{
+        "text": f"{s} {i}",
+        "meta": {
+            "redpajama_set_name": s
+        }
+    } for s in slimpajama.SET_NAMES for i in range(n)]
+    _write_jsonl(str(tmp_path / split / "chunk1" / f"ex_{split}_0.jsonl.zst"), rows, zst=True)
   dset = slimpajama.register(str(tmp_path))
-  assert dset.domains == sorted(["commoncrawl", "c4", "github", "book",
-                                 "arxiv", "wikipedia", "stackexchange"])
-  assert _texts("slimpajama_arxiv") == [f"RedPajamaArXiv {i}"
-                                        for i in range(3)]
+  assert dset.domains == sorted(
+      ["commoncrawl", "c4", "github", "book", "arxiv", "wikipedia", "stackexchange"])
+  assert _texts("slimpajama_arxiv") == [f"RedPajamaArXiv {i}" for i in range(3)]
   assert _texts("slimpajama_c4", "validation") == ["RedPajamaC4 0"]
 
 
 def test_directory_of_domain_files(tmp_path):
-  _write_jsonl(str(tmp_path / "news.jsonl"),
-               [{"text": f"news {i}"} for i in range(30)])
-  _write_jsonl(str(tmp_path / "web.jsonl.zst"),
-               [{"body": {"t": f"web {i}"}} for i in range(5)], zst=True)
+  _write_jsonl(str(tmp_path / "news.jsonl"), [{"text": f"news {i}"} for i in range(30)])
+  _write_jsonl(
+      str(tmp_path / "web.jsonl.zst"), [{
+          "body": {
+              "t": f"web {i}"
+          }
+      } for i in range(5)], zst=True)
   (tmp_path / "poems.txt").write_text("roses are red\n\nviolets\nare blue\n")
   os.makedirs(tmp_path / "code")
   for i in range(3):
@@ -90,22 +92,25 @@ def test_directory_of_domain_files(tmp_path):
   news = _texts("dirset_news") + _texts("dirset_news", "validation")
   assert sorted(news) == sorted(f"news {i}" for i in range(30))
   assert 0 < len(_texts("dirset_news", "validation")) < 15
-  assert sorted(_texts("dirset_poems") + _texts("dirset_poems", "validation")
-                ) == ["roses are red", "violets\nare blue"]
+  assert sorted(_texts("dirset_poems") +
+                _texts("dirset_poems", "validation")) == ["roses are red", "violets\nare blue"]
   code = _texts("dirset_code") + _texts("dirset_code", "validation")
   assert sorted(code) == [f"print({i})\n\nx = {i}\n" for i in range(3)]
   nested = sources.directory_domains(str(tmp_path), text_field="body.t")
   web = nested["web"].get_dataset(split="train", shuffle=False)
-  assert len(list(web)) + len(list(nested["web"].get_dataset(
-      split="validation", shuffle=False))) == 5
+  assert len(list(web)) + len(list(nested["web"].get_dataset(split="validation",
+                                                             shuffle=False))) == 5
 
 
 def test_single_jsonl_with_domain_field(tmp_path):
   path = str(tmp_path / "all.jsonl")
-  _write_jsonl(path, [{"text": f"{d} {i}", "meta": {"src": d}}
-                      for i in range(6) for d in ("b-side", "a side")])
-  dset = custom.register_jsonl_domains(name="one", paths=[path],
-                                       domain_field="meta.src",
+  _write_jsonl(path, [{
+      "text": f"{d} {i}",
+      "meta": {
+          "src": d
+      }
+  } for i in range(6) for d in ("b-side", "a side")])
+  dset = custom.register_jsonl_domains(name="one", paths=[path], domain_field="meta.src",
                                        val_fraction=0.0)
   assert dset.domains == ["a_side", "b_side"]
   assert _texts("one_b_side") == [f"b-side {i}" for i in range(6)]
@@ -146,11 +151,12 @@ def test_vocabularies_and_spm_training(tmp_path):
   with pytest.raises(FileNotFoundError, match="train_spm"):
     vocab.get_vocabulary(str(tmp_path / "nope.model"))
   from data_pipelines import train_spm  # pylint: disable=g-import-not-at-top
-  docs = [f"the quick brown fox {i} jumps over the lazy dog {i % 7}"
-          for i in range(200)]
-  data_pipelines.register_domain_set("spmset", {
-      "a": sources.generator_source(lambda s: iter(docs[:100])),
-      "b": sources.generator_source(lambda s: iter(docs[100:]))})
+  docs = [f"the quick brown fox {i} jumps over the lazy dog {i % 7}" for i in range(200)]
+  data_pipelines.register_domain_set(
+      "spmset", {
+          "a": sources.generator_source(lambda s: iter(docs[:100])),
+          "b": sources.generator_source(lambda s: iter(docs[100:]))
+      })
   path = train_spm.train("spmset_uniform", 60, str(tmp_path / "spm"))
   v = vocab.get_vocabulary(path)
   assert isinstance(v, seqio.SentencePieceVocabulary)

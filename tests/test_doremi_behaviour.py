@@ -7,45 +7,40 @@ DoReMi proxy against it. Learnable domains keep a positive excess loss while the
 catches up; noise offers nothing to catch up on, so its weight must fall toward the floor
 c/K and its average must be the smallest.
 """
+import dataclasses
+
 import jax
 import numpy as np
 
-from doremi_jax import data, sharding, steps, trainer as trainer_lib
-from doremi_jax.model import TransformerConfig
+from doremi_jax import data, doremi, sharding, steps, trainer as trainer_lib
+from tests import helpers
 
 L, V, B, STEPS = 64, 259, 16, 150
 
 
 def synthetic_domains(rng, n_seq: int = 256) -> data.PackedDomains:
-  def rows(tokens):
-    targets = tokens.astype(np.int32)
-    inputs = np.concatenate([np.zeros((len(tokens), 1), np.int32), targets[:, :-1]], 1)
-    return {"inputs": inputs, "targets": targets, "segment_ids": np.ones_like(targets),
-            "positions": np.broadcast_to(np.arange(L, dtype=np.int32), targets.shape).copy()}
-
-  out = {"noise": rows(rng.integers(3, V, size=(n_seq, L)))}
+  tokens = {"noise": rng.integers(3, V, size=(n_seq, L))}
   motifs = rng.integers(3, V, size=(n_seq, 8))
-  out["repeat"] = rows(np.tile(motifs, (1, L // 8)))
+  tokens["repeat"] = np.tile(motifs, (1, L // 8))
   successors = rng.integers(3, V, size=(V, 4))
   chain = np.zeros((n_seq, L), np.int64)
   chain[:, 0] = rng.integers(3, V, n_seq)
   for j in range(1, L):
     chain[:, j] = successors[chain[:, j - 1], rng.integers(0, 4, n_seq)]
-  out["markov"] = rows(chain)
+  tokens["markov"] = chain
   start, stride = rng.integers(3, V, n_seq), rng.integers(1, 5, n_seq)
-  out["count"] = rows(3 + (start[:, None] - 3 + stride[:, None] * np.arange(L)) % (V - 3))
-  names = sorted(out)
-  for i, name in enumerate(names):
-    out[name]["domain_ids"] = np.full((n_seq, L), i + 1, np.int32)
-  return data.PackedDomains(names, {n: out[n] for n in names}, split="train",
-                            sequence_length=L)
+  tokens["count"] = 3 + (start[:, None] - 3 + stride[:, None] * np.arange(L)) % (V - 3)
+  names = sorted(tokens)
+  return data.PackedDomains(names, {
+      n: helpers.whole_rows(tokens[n], domain=i + 1) for i, n in enumerate(names)
+  }, split="train", sequence_length=L)
 
 
 def test_noise_domain_ends_near_the_floor():
   packed = synthetic_domains(np.random.default_rng(0))
   k = len(packed.names)
-  cfg = TransformerConfig(vocab_size=V, emb_dim=64, num_heads=2, head_dim=32, num_layers=2,
-                          mlp_dim=256, max_len=L)
+  cfg = dataclasses.replace(helpers.TINY_CFG, vocab_size=V, emb_dim=64, head_dim=32, mlp_dim=256,
+                            max_len=L)
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
   common = dict(model_cfg=cfg, mesh=mesh, global_batch_size=B, seq_len=L, total_steps=STEPS)
 
@@ -59,7 +54,8 @@ def test_noise_domain_ends_near_the_floor():
   smoothing = 1e-3
   proxy = trainer_lib.build_trainer(
       **common, ref_model_cfg=cfg,
-      step_cfg=steps.StepConfig(num_domains=k, eta=1.0, smoothing=smoothing))
+      step_cfg=steps.StepConfig(num_domains=k,
+                                doremi=doremi.DoReMiConfig(eta=1.0, smoothing=smoothing)))
   state = proxy.init_fn(jax.random.key(1))
   batches = data.BatchIterator(packed, global_batch_size=B, seed=1, sampling="stratified")
   alphas = []

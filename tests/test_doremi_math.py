@@ -1,16 +1,9 @@
 """Hand-computed cases of doremi_jax.doremi (DESIGN.md, "The algorithm, exactly")."""
-import os
-import sys
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-try:
-  from doremi_jax import doremi
-except ImportError:  # Not installed and pytest.ini sets no pythonpath: use the checkout.
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from doremi_jax import doremi  # pylint: disable=g-import-not-at-top
+from doremi_jax import doremi
 
 
 def _np_update(alpha, lam, eta, c):
@@ -59,8 +52,8 @@ def test_excess_with_padding_excludes_masked_tokens_whatever_their_loss():
 
 
 def test_domain_excess_absent_keeps_previous_and_all_clipped_is_zero():
-  lam = doremi.domain_excess(jnp.array([3.0, 0.0, 0.0]), jnp.array([2.0, 0.0, 4.0]),
-                             jnp.array([9.0, 7.0, 5.0]))
+  lam = doremi.domain_excess(
+      jnp.array([3.0, 0.0, 0.0]), jnp.array([2.0, 0.0, 4.0]), jnp.array([9.0, 7.0, 5.0]))
   np.testing.assert_allclose(lam, [1.5, 7.0, 0.0], atol=1e-6)
 
 
@@ -97,8 +90,9 @@ def test_update_weights_hand_k3():
 def test_smoothing_bounds_and_no_overflow(eta, lam, c):
   k = len(lam)
   for alpha in ([0.25] * 4, [0.97, 0.01, 0.01, 0.01], [1.0, 0.0, 0.0, 0.0]):
-    got = np.asarray(doremi.update_weights(jnp.array(alpha, jnp.float32),
-                                           jnp.array(lam, jnp.float32), eta=eta, smoothing=c))
+    got = np.asarray(
+        doremi.update_weights(
+            jnp.array(alpha, jnp.float32), jnp.array(lam, jnp.float32), eta=eta, smoothing=c))
     assert np.all(np.isfinite(got)), got
     assert np.all(got >= c / k - 1e-7), got
     assert np.all(got <= 1 - c + c / k + 1e-6), got
@@ -106,8 +100,8 @@ def test_smoothing_bounds_and_no_overflow(eta, lam, c):
 
 
 def test_eta_zero_keeps_uniform_uniform():
-  got = doremi.update_weights(jnp.full((3,), 1 / 3), jnp.array([5.0, 0.0, 2.0]), eta=0.0,
-                              smoothing=1e-3)
+  got = doremi.update_weights(
+      jnp.full((3,), 1 / 3), jnp.array([5.0, 0.0, 2.0]), eta=0.0, smoothing=1e-3)
   np.testing.assert_allclose(got, [1 / 3] * 3, atol=1e-7)
 
 
@@ -175,8 +169,9 @@ def test_microbatch_token_weights_sum_to_global_objective(objective, num_micro):
   # And the global objective is the formula itself, not just self-consistent.
   means = np.array([loss[(ids == d) & (mask > 0)].mean() for d in (1, 2, 3)])
   cnt = np.asarray(counts)
-  want = (np.dot(alpha, means) if objective == "domain_mean"
-          else np.dot(alpha, means * cnt) / np.dot(alpha, cnt))
+  want = (
+      np.dot(alpha, means) if objective == "domain_mean" else np.dot(alpha, means * cnt) /
+      np.dot(alpha, cnt))
   np.testing.assert_allclose(glob, want, rtol=1e-5)
 
 

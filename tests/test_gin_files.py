@@ -2,27 +2,22 @@
 is initialized or compiled) through doremi_jax.train.train, as a run would."""
 import glob
 import os
-import sys
 
 import gin
 import jax
 import pytest
 
-# Another process (a parallel test run) may hold libtpu's lock; topologies need no TPU.
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
+from doremi_jax import compile_check
+from doremi_jax import config as config_lib
+from doremi_jax import data as data_lib
+from doremi_jax import outputs
+from doremi_jax import run as run_lib
+from doremi_jax import sharding as sharding_lib
+from doremi_jax import train as train_lib
+from doremi_jax.model import TransformerConfig
+from tests import helpers
 
-from doremi_jax import checkpoint as ckpt_lib  # noqa: E402
-from doremi_jax import compile_check  # noqa: E402
-from doremi_jax import config as config_lib  # noqa: E402
-from doremi_jax import data as data_lib  # noqa: E402
-from doremi_jax import sharding as sharding_lib  # noqa: E402
-from doremi_jax import train as train_lib  # noqa: E402
-from doremi_jax.model import TransformerConfig  # noqa: E402
-
-GIN = os.path.join(ROOT, "gin")
+GIN = os.path.join(helpers.ROOT, "gin")
 SEQ = "{'targets': 32}"
 
 
@@ -31,27 +26,19 @@ def _files(kind):
 
 
 def test_every_gin_file_is_covered():
-  covered = set(_files("runs") + _files("models") + _files("mixtures") + _files("hardware") +
-                _files("pipelines"))
-  everything = {os.path.relpath(p, GIN)
-                for p in glob.glob(os.path.join(GIN, "**", "*.gin"), recursive=True)}
+  covered = set(
+      _files("runs") + _files("models") + _files("mixtures") + _files("hardware") +
+      _files("pipelines"))
+  everything = {
+      os.path.relpath(p, GIN) for p in glob.glob(os.path.join(GIN, "**", "*.gin"), recursive=True)
+  }
   assert everything == covered and len(covered) > 20
 
 
-class _Built(Exception):
-  pass
-
-
 @pytest.fixture
-def capture(monkeypatch):
-  """train() up to build_trainer (real, abstract), then stop: kwargs and trainer."""
+def capture():
+  """What _build built: the run's config and trainer."""
   built = {}
-  real = train_lib.build_trainer
-
-  def fake(**kwargs):
-    built.update(kwargs, trainer=real(**kwargs))
-    raise _Built()
-  monkeypatch.setattr(train_lib, "build_trainer", fake)
   yield built
   gin.clear_config()
 
@@ -64,16 +51,18 @@ def _parse(files, bindings=()):
 def _reference_dir(tmp_path, model_cfg=None, mixture="demo_natural"):
   """A directory that looks like a finished reference run to DoReMi's checks."""
   ref = str(tmp_path / "ref")
-  info = config_lib.run_info(model_cfg or TransformerConfig(), mixture,
-                             data_lib.domain_names(mixture), 32, kind="train",
-                             batch_size=8, random_seed=0)
-  ckpt_lib.write_json(os.path.join(ref, ckpt_lib.RUN_INFO), info)
+  cfg = run_lib.RunConfig(model_dir=ref, mixture_or_task_name=mixture, seq_len=32, train_steps=1,
+                          batch_size=8, model=model_cfg or TransformerConfig())
+  info = run_lib.run_info(cfg, data_lib.domain_names(mixture))
+  outputs.write_json(os.path.join(ref, outputs.RUN_INFO), info)
   return ref
 
 
-def _build(**kwargs):
-  with pytest.raises(_Built):
-    train_lib.train(**kwargs)
+def _build(capture, **kwargs):
+  """train() without running: the gin bindings as a RunConfig, built (all checks, the real
+  trainer) but without input, as train builds it before writing anything."""
+  run = run_lib.build_run(train_lib.run_config(**kwargs), with_input=False)
+  capture.update(cfg=run.cfg, trainer=run.trainer)
 
 
 @pytest.mark.parametrize("run", _files("runs"))
@@ -91,8 +80,8 @@ def test_run_files_build(run, capture, tmp_path):
   if run == "runs/base.gin":
     bindings.append("MIXTURE_OR_TASK_NAME='demo_natural'")
   _parse([run, "models/tiny.gin", "mixtures/demo.gin"], bindings)
-  _build()
-  assert capture["global_batch_size"] == 16 and capture["total_steps"] == 3
+  _build(capture)
+  assert capture["cfg"].batch_size == 16 and capture["cfg"].train_steps == 3
   trainer = capture["trainer"]
   assert trainer.is_doremi == (run == "runs/doremi.gin")
   assert not os.path.exists(tmp_path / "run")  # nothing written before the build
@@ -100,9 +89,10 @@ def test_run_files_build(run, capture, tmp_path):
 
 def test_one_reference_step_from_gin(tmp_path):
   """The run files really train (one step) on the tiny model."""
-  _parse(["runs/reference.gin", "models/tiny.gin", "mixtures/demo.gin"],
-         [f"MODEL_DIR='{tmp_path}'", "TRAIN_STEPS=1", f"TASK_FEATURE_LENGTHS={SEQ}",
-          "BATCH_SIZE=8", "train.log_every=1"])
+  _parse(["runs/reference.gin", "models/tiny.gin", "mixtures/demo.gin"], [
+      f"MODEL_DIR='{tmp_path}'", "TRAIN_STEPS=1", f"TASK_FEATURE_LENGTHS={SEQ}", "BATCH_SIZE=8",
+      "train.log_every=1"
+  ])
   try:
     out = train_lib.train()
   finally:
@@ -113,9 +103,11 @@ def test_one_reference_step_from_gin(tmp_path):
 
 # Abstract build of the paper sizes at their real dimensions (eval_shape only); the largest
 # get tiny dimensions, as their abstract trace alone takes seconds.
-_TINY_DIMS = ["TransformerConfig.emb_dim=64", "TransformerConfig.num_layers=2",
-              "TransformerConfig.num_heads=2", "TransformerConfig.head_dim=32",
-              "TransformerConfig.mlp_dim=128", "TransformerConfig.vocab_size=512"]
+_TINY_DIMS = [
+    "TransformerConfig.emb_dim=64", "TransformerConfig.num_layers=2",
+    "TransformerConfig.num_heads=2", "TransformerConfig.head_dim=32",
+    "TransformerConfig.mlp_dim=128", "TransformerConfig.vocab_size=512"
+]
 
 
 @pytest.mark.parametrize("model", _files("models"))
@@ -128,25 +120,31 @@ def test_model_files_build(model, capture, tmp_path):
   if name in ("tiny", "small", "20m"):
     expect = full
   else:
-    _parse(["runs/reference.gin", model, "mixtures/demo.gin"],
-           [f"MODEL_DIR='{tmp_path / 'run'}'", "TRAIN_STEPS=3", f"TASK_FEATURE_LENGTHS={SEQ}",
-            *_TINY_DIMS])
+    _parse(["runs/reference.gin", model, "mixtures/demo.gin"], [
+        f"MODEL_DIR='{tmp_path / 'run'}'", "TRAIN_STEPS=3", f"TASK_FEATURE_LENGTHS={SEQ}",
+        *_TINY_DIMS
+    ])
     expect = TransformerConfig()
     # Everything but the dimensions comes from the model file.
     for key in ("dtype", "remat", "max_len"):
       if hasattr(full, key):
         assert getattr(expect, key) == getattr(full, key)
-  _build()
-  assert capture["model_cfg"] == expect
+  _build(capture)
+  assert capture["cfg"].model == expect
   n = sum(x.size for x in jax.tree.leaves(capture["trainer"].abstract_state.params))
   assert n == expect.num_params()
 
 
 # Table 9 of the paper: d_model, layers, heads, head dim, plain-MLP ff.
-_TABLE_9 = {"70m": (256, 3, 4, 64, 1024), "150m": (512, 6, 8, 64, 2048),
-            "280m": (768, 12, 12, 64, 3072), "510m": (1024, 12, 16, 64, 8192),
-            "760m": (1280, 12, 20, 64, 8192), "1b": (2048, 16, 32, 64, 8192),
-            "8b": (4096, 32, 32, 128, 24576)}
+_TABLE_9 = {
+    "70m": (256, 3, 4, 64, 1024),
+    "150m": (512, 6, 8, 64, 2048),
+    "280m": (768, 12, 12, 64, 3072),
+    "510m": (1024, 12, 16, 64, 8192),
+    "760m": (1280, 12, 20, 64, 8192),
+    "1b": (2048, 16, 32, 64, 8192),
+    "8b": (4096, 32, 32, 128, 24576)
+}
 
 
 def _table_9_params(d, layers, heads, head_dim, ff, vocab=256000):
@@ -161,8 +159,8 @@ def test_paper_sizes_in_model_files():
   for name, (d, layers, heads, head_dim, ff) in _TABLE_9.items():
     _parse([f"models/{name}.gin"])
     cfg = TransformerConfig()
-    assert (cfg.emb_dim, cfg.num_layers, cfg.num_heads, cfg.head_dim) == (
-        d, layers, heads, head_dim), name
+    assert (cfg.emb_dim, cfg.num_layers, cfg.num_heads, cfg.head_dim) == (d, layers, heads,
+                                                                          head_dim), name
     assert abs(cfg.mlp_dim - 2 * ff / 3) <= 64 and cfg.mlp_dim % 128 == 0, name
     paper = _table_9_params(d, layers, heads, head_dim, ff)
     assert abs(cfg.num_params() / paper - 1) < 0.05, (name, cfg.num_params(), paper)
@@ -177,7 +175,7 @@ def test_mixture_files_parse(mixture, tmp_path):
   _parse(["runs/reference.gin", mixture, "models/tiny.gin"],
          [f"MODEL_DIR='{tmp_path}'", "TRAIN_STEPS=3"])
   name = gin.query_parameter("MIXTURE_OR_TASK_NAME/macro.value")
-  length = config_lib.sequence_length(gin.query_parameter("TASK_FEATURE_LENGTHS/macro.value"))
+  length = run_lib.sequence_length(gin.query_parameter("TASK_FEATURE_LENGTHS/macro.value"))
   assert isinstance(name, str) and length > 1
   if name.startswith("demo"):
     assert len(data_lib.domain_names(name)) == 7
@@ -198,8 +196,8 @@ def test_hardware_files(hardware, capture, tmp_path):
     devices = jax.devices() if hardware == "hardware/cpu8.gin" else jax.devices()[:1]
     mesh = sharding_lib.make_mesh(mesh_shape, devices=devices)
     if len(devices) == 8:
-      _build()
-      assert dict(capture["mesh"].shape) == dict(mesh.shape)
+      _build(capture)
+      assert dict(capture["trainer"].mesh.shape) == dict(mesh.shape)
   else:  # a TPU slice: the mesh fills the topology's chips (libtpu, no TPU needed)
     pytest.importorskip("libtpu", reason="libtpu not installed: pip install 'jax[tpu]'")
     devices, _ = compile_check.topology_devices(topology)
@@ -211,9 +209,10 @@ def test_pipeline_scopes_resolve(capture, tmp_path, monkeypatch):
   # The demo pipeline runs on one CPU device (MESH_SHAPE = (1, 1, 1)).
   real_make_mesh = sharding_lib.make_mesh
   monkeypatch.setattr(sharding_lib, "make_mesh",
-                      lambda shape, devices=None: real_make_mesh(shape, jax.devices()[:1]))
-  _parse(["pipelines/demo_cpu.gin"], [f"PIPELINE_DIR='{tmp_path}'", "SEQ_LEN=32",
-                                       f"TASK_FEATURE_LENGTHS={SEQ}"])
+                      lambda shape, devices=None: real_make_mesh(shape,
+                                                                 jax.devices()[:1]))
+  _parse(["pipelines/demo_cpu.gin"],
+         [f"PIPELINE_DIR='{tmp_path}'", "SEQ_LEN=32", f"TASK_FEATURE_LENGTHS={SEQ}"])
   assert gin.query_parameter("pipeline.pipeline_dir") is not None
   seen = {}
   for scope in ("reference", "proxy", "main"):
@@ -221,13 +220,15 @@ def test_pipeline_scopes_resolve(capture, tmp_path, monkeypatch):
     with gin.config_scope(scope):
       kwargs = {}
       if scope == "proxy":
-        kwargs["doremi"] = train_lib.DoReMiConfig(reference_dir=_reference_dir(tmp_path))
+        kwargs.update(doremi=train_lib.DoReMiConfig(), reference_dir=_reference_dir(tmp_path))
       if scope == "main":  # the pipeline passes the main run's length and batch itself
-        kwargs.update(train_steps=gin.query_parameter("pipeline.main_steps"),
-                      batch_size=gin.query_parameter("pipeline.main_batch_size"))
-      _build(model_dir=str(tmp_path / scope), mixture_or_task_name="demo_natural",
+        kwargs.update(
+            train_steps=gin.query_parameter("pipeline.main_steps"),
+            batch_size=gin.query_parameter("pipeline.main_batch_size"))
+      _build(capture, model_dir=str(tmp_path / scope), mixture_or_task_name="demo_natural",
              **kwargs)
-    seen[scope] = (capture["model_cfg"], capture["global_batch_size"], capture["total_steps"])
+    cfg = capture["cfg"]
+    seen[scope] = (cfg.model, cfg.batch_size, cfg.train_steps)
   for scope in ("reference", "proxy"):
     assert seen[scope][1:] == (gin.query_parameter(f"{scope}/train.batch_size"),
                                gin.query_parameter(f"{scope}/train.train_steps"))

@@ -1,8 +1,6 @@
 """The Transformer: packing and causal masks, padding, remat, bfloat16, partitioning, sizes."""
 import dataclasses
 import functools
-import os
-import sys
 
 import flax.linen as nn
 import jax
@@ -10,16 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-try:
-  from doremi_jax import losses
-except ImportError:  # Not installed and pytest.ini sets no pythonpath: use the checkout.
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from doremi_jax import losses  # pylint: disable=g-import-not-at-top
+from doremi_jax import losses
 from doremi_jax import sharding
-from doremi_jax.model import Transformer, TransformerConfig
+from doremi_jax.model import Transformer
+from tests import helpers
 
-CFG = TransformerConfig(vocab_size=259, emb_dim=32, num_heads=2, head_dim=16, num_layers=2,
-                        mlp_dim=64, max_len=64)
+CFG = helpers.TINY_CFG
 L = 32
 # XLA's CPU backend spends most of these tests compiling; a low LLVM optimization level halves
 # that, and every side of a comparison is compiled the same way.
@@ -27,22 +21,9 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 LOGICAL_AXES = {"batch", "length", "embed", "mlp", "heads", "kv", "vocab"}
 
 
-def _row(segment_lengths, seq_len=L, seed=0):
-  """One packed row: inputs (shifted right within each example), targets, ids, positions, mask."""
-  rng = np.random.default_rng(seed)
-  out = {k: np.zeros((1, seq_len), np.int32) for k in ("inputs", "targets", "segment_ids",
-                                                         "positions")}
-  out["loss_mask"] = np.zeros((1, seq_len), np.float32)
-  lo = 0
-  for s, n in enumerate(segment_lengths):
-    toks = rng.integers(3, CFG.vocab_size, n)
-    out["targets"][0, lo:lo + n] = toks
-    out["inputs"][0, lo + 1:lo + n] = toks[:-1]
-    out["segment_ids"][0, lo:lo + n] = s + 1
-    out["positions"][0, lo:lo + n] = np.arange(n)
-    out["loss_mask"][0, lo:lo + n] = 1.0
-    lo += n
-  return out
+def _row(segment_lengths, seed=0):
+  """One packed row of examples of the given lengths, then padding."""
+  return helpers.packed_row(segment_lengths, L, seed=seed, vocab=CFG.vocab_size)
 
 
 def _cat(*rows):
@@ -63,8 +44,10 @@ def _params(cfg=CFG, seed=0):
 
 def _logits(batch, cfg=CFG, params=None):
   params = _params(CFG) if params is None else params
-  return np.asarray(_apply(cfg)({"params": params}, batch["inputs"], batch["segment_ids"],
-                                batch["positions"]))
+  return np.asarray(
+      _apply(cfg)({
+          "params": params
+      }, batch["inputs"], batch["segment_ids"], batch["positions"]))
 
 
 def _loss_fn(cfg):
@@ -76,13 +59,13 @@ def _loss_fn(cfg):
                          batch["positions"])
     _, per_tok, mask = losses.per_token_loss(logits, batch["targets"], batch["loss_mask"])
     return losses.masked_mean(per_tok, mask), logits
+
   return loss
 
 
 @functools.lru_cache(maxsize=None)
 def _value_and_grad(cfg=CFG):
-  return jax.jit(jax.value_and_grad(_loss_fn(cfg), has_aux=True),
-                 compiler_options=FAST_COMPILE)
+  return jax.jit(jax.value_and_grad(_loss_fn(cfg), has_aux=True), compiler_options=FAST_COMPILE)
 
 
 def test_packed_examples_do_not_see_each_other():
@@ -126,8 +109,10 @@ def test_padding_row_is_finite_and_changes_nothing():
   assert float(jnp.abs(ce[1]).max()) == 0.0 and float(jnp.abs(ce[0, 29:]).max()) == 0.0
   np.testing.assert_allclose(loss, float(jnp.sum(ce)) / 29, rtol=1e-6)
   # Garbage tokens under padding (segment 0, mask 0) change neither the loss nor the gradients.
-  junk = _cat(real, {**pad, "inputs": np.full_like(pad["inputs"], 77),
-                     "targets": np.full_like(pad["targets"], 5)})
+  junk = _cat(real, {
+      **pad, "inputs": np.full_like(pad["inputs"], 77),
+      "targets": np.full_like(pad["targets"], 5)
+  })
   (loss2, _), grads2 = _value_and_grad()(_params(), junk)
   assert float(loss2) == float(loss)
   for x, y in zip(jax.tree.leaves(grads), jax.tree.leaves(grads2)):
@@ -158,8 +143,8 @@ def test_remat_same_loss_and_gradients():
 def test_unknown_remat_errors():
   with pytest.raises(ValueError, match="remat"):
     cfg = dataclasses.replace(CFG, remat="some")
-    jax.eval_shape(lambda: Transformer(cfg).init(jax.random.key(0), *[jnp.zeros((1, 8),
-                                                                                jnp.int32)] * 3))
+    jax.eval_shape(
+        lambda: Transformer(cfg).init(jax.random.key(0), *[jnp.zeros((1, 8), jnp.int32)] * 3))
 
 
 def test_bfloat16_compute_float32_params():
@@ -198,8 +183,8 @@ def test_tied_and_untied_build(tie):
 @pytest.mark.parametrize("tie", [True, False])
 def test_every_parameter_has_a_logical_partition_spec(tie):
   boxed = _abstract_boxed(dataclasses.replace(CFG, tie_embeddings=tie))["params"]
-  leaves = jax.tree_util.tree_leaves_with_path(
-      boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  leaves = jax.tree_util.tree_leaves_with_path(boxed,
+                                               is_leaf=lambda x: isinstance(x, nn.Partitioned))
   assert len(leaves) == 9 * CFG.num_layers + 2 + (not tie)  # 7 kernels + 2 norms a layer
   for path, leaf in leaves:
     assert isinstance(leaf, nn.Partitioned), f"{path} has no logical axis names"
@@ -211,13 +196,28 @@ def test_every_parameter_has_a_logical_partition_spec(tie):
     assert spec is not None and len(spec) > 0, path
   # And every name maps through the default rules.
   mesh_specs = nn.logical_to_mesh(specs, sharding.DEFAULT_RULES)
-  assert len(jax.tree.leaves(mesh_specs, is_leaf=lambda x: isinstance(
-      x, jax.sharding.PartitionSpec))) == len(leaves)
+  assert len(
+      jax.tree.leaves(mesh_specs,
+                      is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))) == len(leaves)
 
 
 @pytest.mark.parametrize("overrides", [
-    {}, {"tie_embeddings": False}, {"vocab_size": 300, "emb_dim": 48, "num_layers": 3},
-    {"vocab_size": 32000, "num_heads": 4, "head_dim": 8, "mlp_dim": 96, "tie_embeddings": False},
+    {},
+    {
+        "tie_embeddings": False
+    },
+    {
+        "vocab_size": 300,
+        "emb_dim": 48,
+        "num_layers": 3
+    },
+    {
+        "vocab_size": 32000,
+        "num_heads": 4,
+        "head_dim": 8,
+        "mlp_dim": 96,
+        "tie_embeddings": False
+    },
 ])
 def test_num_params_matches_actual_count(overrides):
   cfg = dataclasses.replace(CFG, **overrides)

@@ -16,94 +16,67 @@ import time
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("local_run",
-                                               os.path.join(ROOT, "launch", "local_run.py"))
+from tests import helpers
+
+LAUNCHER = os.path.join(helpers.ROOT, "launch", "local_run.py")
+_spec = importlib.util.spec_from_file_location("local_run", LAUNCHER)
 local_run = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(local_run)
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
 
 MESH = "(2, 2, 2)"
 STEPS = 4
-COMMON = ["--gin_file=gin/models/tiny.gin", "--gin_file=gin/mixtures/demo.gin",
-          "--gin.TASK_FEATURE_LENGTHS={'targets': 32}", "--gin.BATCH_SIZE=16",
-          f"--gin.MESH_SHAPE={MESH}", "--gin.train.log_every=1"]
-
-
-def _env(devices: int = 8) -> dict:
-  env = {k: v for k, v in os.environ.items() if not k.startswith("DOREMI_")}
-  env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  return env
+FLAGS = [f"--gin.MESH_SHAPE={MESH}", "--gin.train.log_every=1"]
 
 
 def _train_args(model_dir, steps=STEPS, doremi_ref=None, extra=()):
-  args = ["-m", "doremi_jax.train"]
-  if doremi_ref:
-    args += ["--gin_file=gin/runs/doremi.gin", f"--gin.REFERENCE_DIR='{doremi_ref}'"]
-  else:
-    args += ["--gin_file=gin/runs/reference.gin"]
-  return args + COMMON + [f"--gin.MODEL_DIR='{model_dir}'", f"--gin.TRAIN_STEPS={steps}",
-                          *extra]
-
-
-def _run(args, timeout=300, devices=8):
-  proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(devices),
-                        capture_output=True, text=True, timeout=timeout)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return proc
-
-
-def _metrics(model_dir):
-  with open(os.path.join(model_dir, "metrics.jsonl")) as f:
-    return [json.loads(l) for l in f if l.strip()]
+  return helpers.train_args(model_dir, steps, reference=doremi_ref, extra=[*FLAGS, *extra])
 
 
 @pytest.fixture(scope="module")
 def reference_dir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("mp") / "ref")
-  _run(_train_args(path, steps=3))
+  helpers.run([sys.executable, *_train_args(path, steps=3)])
   return path
 
 
 def test_doremi_two_processes_equal_one_process(reference_dir, tmp_path):
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
-  _run(_train_args(one, doremi_ref=reference_dir))
-  _run([os.path.join(ROOT, "launch", "local_run.py"), "--num_processes=2",
-        "--devices_per_process=4", "--", *_train_args(two, doremi_ref=reference_dir)])
+  helpers.run([sys.executable, *_train_args(one, doremi_ref=reference_dir)])
+  helpers.run([
+      sys.executable, LAUNCHER, "--num_processes=2", "--devices_per_process=4", "--",
+      *_train_args(two, doremi_ref=reference_dir)
+  ])
 
-  m1, m2 = _metrics(one), _metrics(two)
+  m1, m2 = helpers.read_metrics(one), helpers.read_metrics(two)
   assert [m["step"] for m in m1] == [m["step"] for m in m2] == list(range(1, STEPS + 1))
   for a, b in zip(m1, m2):
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(a["ref_loss"], b["ref_loss"], rtol=1e-5, atol=1e-6)
     for key in ("domain_weights", "avg_domain_weights"):
       assert list(a[key]) == list(b[key])
-      np.testing.assert_allclose(list(a[key].values()), list(b[key].values()),
-                                 rtol=1e-5, atol=1e-7)
+      np.testing.assert_allclose(list(a[key].values()), list(b[key].values()), rtol=1e-5, atol=1e-7)
   w1, w2 = (json.load(open(os.path.join(d, "domain_weights.json"))) for d in (one, two))
   assert list(w1["domains"]) == list(w2["domains"])
-  np.testing.assert_allclose(list(w1["domains"].values()), list(w2["domains"].values()),
-                             rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(
+      list(w1["domains"].values()), list(w2["domains"].values()), rtol=1e-5, atol=1e-7)
   assert abs(sum(w2["domains"].values()) - 1) < 1e-5
   # Written once (process 0), not once per process.
-  assert len(_metrics(two)) == STEPS
+  assert len(helpers.read_metrics(two)) == STEPS
 
 
 def _start_two(model_dir, tmp_path, extra=()):
   """Two processes of a long run, started directly (no launcher)."""
   coordinator = f"127.0.0.1:{local_run.free_port()}"
+  cmd = [
+      sys.executable,
+      *_train_args(model_dir, steps=100000,
+                   extra=("--heartbeat_timeout=10", "--shutdown_timeout=10", *extra))
+  ]
   procs = []
   for i in range(2):
-    env = local_run.process_env(_env(4), process_id=i, num_processes=2, devices=4,
-                                coordinator=coordinator)
-    log = open(tmp_path / f"p{i}.log", "w")
-    procs.append(subprocess.Popen(
-        [sys.executable, *_train_args(model_dir, steps=100000,
-                                      extra=("--heartbeat_timeout=10", "--shutdown_timeout=10",
-                                             *extra))],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+    env = local_run.process_env(
+        helpers.child_env(4), process_id=i, num_processes=2, devices=4, coordinator=coordinator)
+    procs.append(helpers.start(cmd, tmp_path / f"p{i}.log", env=env))
   path = os.path.join(model_dir, "metrics.jsonl")
   deadline = time.time() + 240
   while not (os.path.exists(path) and os.path.getsize(path) > 0):
@@ -158,11 +131,11 @@ def test_stuck_process_is_declared_dead_by_heartbeat(tmp_path):
 def test_unreachable_coordinator_is_a_clear_error(tmp_path):
   port = local_run.free_port()  # nothing listens there
   t0 = time.time()
-  proc = subprocess.run(
-      [sys.executable, *_train_args(str(tmp_path / "run")),
-       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", "--process_id=1",
-       "--initialization_timeout=3"],
-      cwd=ROOT, env=_env(4), capture_output=True, text=True, timeout=120)
+  proc = helpers.run([
+      sys.executable, *_train_args(str(tmp_path / "run")),
+      f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", "--process_id=1",
+      "--initialization_timeout=3"
+  ], env=helpers.child_env(4), timeout=120, check=False)
   assert proc.returncode != 0
   assert time.time() - t0 < 60
   assert f"could not reach the JAX coordinator at 127.0.0.1:{port} within 3s" in proc.stderr
@@ -190,10 +163,10 @@ _CHILD = ("import os, sys, time\n"
 
 def test_launcher_stops_the_others_and_names_the_failed_process():
   t0 = time.time()
-  proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "launch", "local_run.py"), "--num_processes=3",
-       "--devices_per_process=2", "--grace_seconds=1", "--", "-c", _CHILD],
-      capture_output=True, text=True, timeout=60)
+  proc = helpers.run([
+      sys.executable, LAUNCHER, "--num_processes=3", "--devices_per_process=2", "--grace_seconds=1",
+      "--", "-c", _CHILD
+  ], timeout=60, check=False)
   assert time.time() - t0 < 30
   assert proc.returncode == 3
   assert "process 1 of 3 exited with status 3" in proc.stderr
@@ -203,26 +176,22 @@ def test_launcher_stops_the_others_and_names_the_failed_process():
 
 
 def test_launcher_success_and_killed_child():
-  ok = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "local_run.py"),
-                       "--num_processes=2", "--", "-c", "print('hi')"],
-                      capture_output=True, text=True, timeout=60)
-  assert ok.returncode == 0, ok.stderr
+  ok = helpers.run([sys.executable, LAUNCHER, "--num_processes=2", "--", "-c", "print('hi')"],
+                   timeout=60)
   assert sorted(ok.stdout.split("\n")[:2]) == ["[p0] hi", "[p1] hi"]
-  killed = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "launch", "local_run.py"), "--num_processes=2",
-       "--grace_seconds=1", "--", "-c",
-       "import os, signal, time\n"
-       "if os.environ['DOREMI_PROCESS_ID'] == '0': os.kill(os.getpid(), signal.SIGKILL)\n"
-       "time.sleep(600)\n"], capture_output=True, text=True, timeout=60)
+  killed = helpers.run([
+      sys.executable, LAUNCHER, "--num_processes=2", "--grace_seconds=1", "--", "-c",
+      "import os, signal, time\n"
+      "if os.environ['DOREMI_PROCESS_ID'] == '0': os.kill(os.getpid(), signal.SIGKILL)\n"
+      "time.sleep(600)\n"
+  ], timeout=60, check=False)
   assert killed.returncode != 0
   assert "process 0 of 2 was killed by SIGKILL" in killed.stderr
 
 
 def test_process_env_replaces_the_device_count():
   env = local_run.process_env({"XLA_FLAGS": "--foo --xla_force_host_platform_device_count=8"},
-                              process_id=1, num_processes=2, devices=4,
-                              coordinator="127.0.0.1:5")
+                              process_id=1, num_processes=2, devices=4, coordinator="127.0.0.1:5")
   assert env["XLA_FLAGS"] == "--foo --xla_force_host_platform_device_count=4"
-  assert (env["DOREMI_PROCESS_ID"], env["DOREMI_NUM_PROCESSES"],
-          env["DOREMI_COORDINATOR_ADDRESS"], env["JAX_PLATFORMS"]) == ("1", "2", "127.0.0.1:5",
-                                                                       "cpu")
+  assert (env["DOREMI_PROCESS_ID"], env["DOREMI_NUM_PROCESSES"], env["DOREMI_COORDINATOR_ADDRESS"],
+          env["JAX_PLATFORMS"]) == ("1", "2", "127.0.0.1:5", "cpu")

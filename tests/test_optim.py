@@ -5,24 +5,21 @@ import numpy as np
 import pytest
 
 from doremi_jax import optim, sharding, steps, trainer as trainer_lib
-from doremi_jax.model import TransformerConfig
-from tests.batches import packed_batch
+from tests import helpers
 
-CFG = TransformerConfig(vocab_size=259, emb_dim=32, num_heads=2, head_dim=16, num_layers=2,
-                        mlp_dim=64, max_len=64)
+CFG = helpers.TINY_CFG
 
 
 def _proxy_losses(shape):
   mesh = sharding.make_mesh(shape, devices=jax.devices()[:int(np.prod(shape))])
   tr = trainer_lib.build_trainer(model_cfg=CFG, mesh=mesh, global_batch_size=8, seq_len=32,
                                  total_steps=10, step_cfg=steps.StepConfig(num_domains=3),
-                                 opt_cfg=optim.OptimizerConfig(name="adafactor"),
-                                 ref_model_cfg=CFG)
+                                 opt_cfg=optim.OptimizerConfig(name="adafactor"), ref_model_cfg=CFG)
   state = tr.init_fn(jax.random.key(0))
   ref = tr.init_fn(jax.random.key(1)).params
   rng, losses = np.random.default_rng(0), []
   for _ in range(3):
-    state, m = tr.step_fn(state, ref, tr.make_batch(packed_batch(rng, 8, 32)))
+    state, m = tr.step_fn(state, ref, tr.make_batch(helpers.packed_batch(rng, 8, 32)))
     losses.append(float(m["loss"]))
   return np.array(losses), np.asarray(state.doremi.alpha_K)
 
@@ -66,5 +63,5 @@ def test_adafactor_follows_the_authors_settings():
   updates, state = tx.update(grads, state, params)
   u = -np.asarray(updates["w"]) / float(schedule(0))
   # One step: the factored RMS makes the update sign-like; beta1 0.9 keeps 10% of it.
-  assert np.sqrt(np.mean((u / 0.1) ** 2)) <= 1.0 + 1e-5
+  assert np.sqrt(np.mean((u / 0.1)**2)) <= 1.0 + 1e-5
   np.testing.assert_allclose(u[:2] / 0.1, [1.0, -1.0], rtol=0.05)

@@ -2,16 +2,12 @@
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
 
-try:
-  from doremi_jax import report
-except ImportError:  # Not installed and pytest.ini sets no pythonpath: use the checkout.
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from doremi_jax import report  # pylint: disable=g-import-not-at-top
+from doremi_jax import report
+from tests import helpers
 
 DOMAINS = ["code", "docs", "prose"]
 STEPS = [0, 500, 1000]
@@ -35,18 +31,53 @@ def _study(curves, steps=STEPS, rounds=1):
   for r in range(1, rounds + 1):
     traj = [[1 / 3, 1 / 3, 1 / 3], [0.45, 0.35, 0.2], [0.55, 0.25, 0.2]]
     avg = [[1 / 3, 1 / 3, 1 / 3], [0.4, 0.34, 0.26], [0.5, 0.3, 0.2]]
-    rs.append({"round": r, "reference_weights": w if r == 1 else out_w,
-               "output_weights": out_w,
-               "trajectory": {"steps": [0, 10, 20], "domain_weights": traj,
-                              "avg_domain_weights": avg},
-               "max_abs_change": 0.17})
-  mains = {n: {"weights": out_w if n == "doremi" else w, "evals": _evals(c, steps)}
-           for n, c in curves.items()}
-  return {"name": "test_study", "mixture": "demo", "domains": DOMAINS,
-          "config": {"proxy": {"layers": 2, "d_model": 64}, "eta": 1.0, "c": 1e-3},
-          "rounds": rs, "converged": False, "mains": mains,
-          "equal_compute": {"train_steps": 1000, "batch_size": 8, "seq_len": 128,
-                            "tokens": 1024000}}
+    rs.append({
+        "round": r,
+        "reference_weights": w if r == 1 else out_w,
+        "output_weights": out_w,
+        "trajectory": {
+            "steps": [0, 10, 20],
+            "domain_weights": traj,
+            "avg_domain_weights": avg
+        },
+        "max_abs_change": 0.17
+    })
+  mains = {
+      n: {
+          "weights": out_w if n == "doremi" else w,
+          "evals": _evals(c, steps)
+      } for n, c in curves.items()
+  }
+  return {
+      "name": "test_study",
+      "mixture": "demo",
+      "domains": DOMAINS,
+      "config": {
+          "proxy": {
+              "layers": 2,
+              "d_model": 64
+          },
+          "eta": 1.0,
+          "c": 1e-3
+      },
+      "rounds": rs,
+      "converged": False,
+      "mains": mains,
+      "equal_compute": {
+          "train_steps": 1000,
+          "batch_size": 8,
+          "seq_len": 128,
+          "tokens": 1024000
+      }
+  }
+
+
+def _write(tmp_path, curves, **kwargs):
+  """Writes the report of `_study(curves, **kwargs)` to tmp_path: (study, summary, natural's
+  comparison)."""
+  study = _study(curves, **kwargs)
+  summary = report.write_report(study, str(tmp_path))
+  return study, summary, summary["baselines"].get("natural")
 
 
 def _read(out_dir):
@@ -80,10 +111,12 @@ def test_steps_to_reach_interpolates():
 
 
 def test_doremi_better(tmp_path):
-  study = _study({"doremi": [3.0, 2.0, 1.5], "natural": [3.0, 2.5, 2.25],
-                  "uniform": [3.0, 2.4, 2.0]})
-  summary = report.write_report(study, str(tmp_path))
-  nat, uni = summary["baselines"]["natural"], summary["baselines"]["uniform"]
+  _, summary, nat = _write(tmp_path, {
+      "doremi": [3.0, 2.0, 1.5],
+      "natural": [3.0, 2.5, 2.25],
+      "uniform": [3.0, 2.4, 2.0]
+  })
+  uni = summary["baselines"]["uniform"]
   assert nat["verdict_average"] == nat["verdict_worst"] == "better"
   assert nat["delta_average"] == pytest.approx(-0.75)
   assert nat["delta_worst"] == pytest.approx(-0.75)
@@ -105,9 +138,7 @@ def test_doremi_better(tmp_path):
 
 
 def test_doremi_worse(tmp_path):
-  study = _study({"doremi": [3.0, 2.6, 2.4], "natural": [3.0, 2.2, 2.0]})
-  summary = report.write_report(study, str(tmp_path))
-  nat = summary["baselines"]["natural"]
+  _, summary, nat = _write(tmp_path, {"doremi": [3.0, 2.6, 2.4], "natural": [3.0, 2.2, 2.0]})
   assert nat["verdict_average"] == nat["verdict_worst"] == "worse"
   assert nat["delta_average"] == pytest.approx(0.4)
   assert nat["steps_to_reach"] is None
@@ -122,9 +153,7 @@ def test_doremi_worse(tmp_path):
 
 
 def test_equal_within_tolerance(tmp_path):
-  study = _study({"doremi": [3.0, 2.5, 2.005], "natural": [3.0, 2.5, 2.0]})
-  summary = report.write_report(study, str(tmp_path))
-  nat = summary["baselines"]["natural"]
+  study, summary, nat = _write(tmp_path, {"doremi": [3.0, 2.5, 2.005], "natural": [3.0, 2.5, 2.0]})
   assert nat["verdict_average"] == nat["verdict_worst"] == "equal"
   assert nat["delta_average"] == pytest.approx(0.005)
   assert summary["better_than_all_baselines"] is False
@@ -137,11 +166,11 @@ def test_equal_within_tolerance(tmp_path):
 
 
 def test_plots_are_valid_pngs(tmp_path):
-  study = _study({"doremi": [3.0, 2.0, 1.5], "natural": [3.0, 2.5, 2.25]}, rounds=2)
-  report.write_report(study, str(tmp_path))
+  _write(tmp_path, {"doremi": [3.0, 2.0, 1.5], "natural": [3.0, 2.5, 2.25]}, rounds=2)
   md, _ = _read(tmp_path)
-  names = ["weight_trajectories.png", "final_log_ppl.png", "log_ppl_vs_steps.png",
-           "final_weights.png"]
+  names = [
+      "weight_trajectories.png", "final_log_ppl.png", "log_ppl_vs_steps.png", "final_weights.png"
+  ]
   for name in names:
     path = tmp_path / "plots" / name
     data = path.read_bytes()
@@ -151,7 +180,7 @@ def test_plots_are_valid_pngs(tmp_path):
 
 
 def test_only_doremi(tmp_path):
-  summary = report.write_report(_study({"doremi": [3.0, 2.0, 1.5]}), str(tmp_path))
+  _, summary, _ = _write(tmp_path, {"doremi": [3.0, 2.0, 1.5]})
   assert summary["baselines"] == {}
   assert summary["better_than_all_baselines"] is False
   md, loaded = _read(tmp_path)
@@ -161,17 +190,16 @@ def test_only_doremi(tmp_path):
 
 
 def test_single_eval_point(tmp_path):
-  study = _study({"doremi": [1.5], "natural": [2.0]}, steps=[1000])
-  summary = report.write_report(study, str(tmp_path))
-  nat = summary["baselines"]["natural"]
+  _, summary, nat = _write(tmp_path, {"doremi": [1.5], "natural": [2.0]}, steps=[1000])
   assert nat["verdict_average"] == "better"
   assert nat["steps_to_reach"] == 1000 and nat["speedup"] == pytest.approx(1.0)
 
 
 def test_nan_doremi_is_diverged(tmp_path):
-  study = _study({"doremi": [3.0, 2.0, float("nan")], "natural": [3.0, 2.5, 2.25]})
-  summary = report.write_report(study, str(tmp_path))
-  nat = summary["baselines"]["natural"]
+  _, summary, nat = _write(tmp_path, {
+      "doremi": [3.0, 2.0, float("nan")],
+      "natural": [3.0, 2.5, 2.25]
+  })
   assert nat["verdict_average"] == nat["verdict_worst"] == "diverged"
   assert nat["delta_average"] is None
   assert summary["final"]["doremi"]["diverged"] is True
@@ -183,9 +211,10 @@ def test_nan_doremi_is_diverged(tmp_path):
 
 
 def test_nan_baseline_counts_as_better(tmp_path):
-  study = _study({"doremi": [3.0, 2.0, 1.5], "natural": [3.0, float("nan"), float("nan")]})
-  summary = report.write_report(study, str(tmp_path))
-  nat = summary["baselines"]["natural"]
+  _, summary, nat = _write(tmp_path, {
+      "doremi": [3.0, 2.0, 1.5],
+      "natural": [3.0, float("nan"), float("nan")]
+  })
   assert nat["verdict_average"] == "better" and nat["baseline_diverged"] is True
   assert nat["steps_to_reach"] is None
   assert nat["domains_better"] == 3
@@ -196,7 +225,6 @@ def test_nan_baseline_counts_as_better(tmp_path):
 
 def test_imports_no_jax():
   """report.py stays import-light: no jax, tensorflow or pyplot."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   code = ("import sys; from doremi_jax import report; "
           "assert not {'jax', 'tensorflow', 'matplotlib.pyplot'} & set(sys.modules)")
-  subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
+  helpers.run([sys.executable, "-c", code])

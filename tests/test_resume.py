@@ -3,7 +3,6 @@ the same command continues exactly as if never stopped (bit for bit on CPU)."""
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 import warnings
@@ -11,49 +10,23 @@ import warnings
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import helpers
+
 STEPS = 80
-COMMON = ["--gin_file=gin/models/tiny.gin", "--gin_file=gin/mixtures/demo.gin",
-          "--gin.TASK_FEATURE_LENGTHS={'targets': 32}", "--gin.BATCH_SIZE=16",
-          "--gin.train.log_every=1", "--gin.train.checkpoint_every=5"]
-
-
-def _env():
-  env = {k: v for k, v in os.environ.items() if not k.startswith("DOREMI_")}
-  env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  return env
+FLAGS = ["--gin.train.log_every=1", "--gin.train.checkpoint_every=5"]
 
 
 def _cmd(model_dir, steps=STEPS, reference=None, extra=()):
-  run = (["--gin_file=gin/runs/doremi.gin", f"--gin.REFERENCE_DIR='{reference}'"]
-         if reference else ["--gin_file=gin/runs/reference.gin"])
-  return [sys.executable, "-m", "doremi_jax.train", *run, *COMMON,
-          f"--gin.MODEL_DIR='{model_dir}'", f"--gin.TRAIN_STEPS={steps}", *extra]
-
-
-def _run(cmd):
-  proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return proc
-
-
-def _start(cmd, log):
-  return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
-
-
-def _metrics(model_dir):
-  path = os.path.join(model_dir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(l) for l in f if l.strip() and l.endswith("\n")]
+  return [
+      sys.executable,
+      *helpers.train_args(model_dir, steps, reference=reference, extra=[*FLAGS, *extra])
+  ]
 
 
 def _wait_for_step(model_dir, step, proc, timeout=240):
   deadline = time.time() + timeout
   while True:
-    m = _metrics(model_dir)
+    m = helpers.read_metrics(model_dir)
     if m and m[-1]["step"] >= step:
       return m[-1]["step"]
     assert proc.poll() is None, f"the run exited ({proc.returncode}) before step {step}"
@@ -68,14 +41,13 @@ def _checkpoint_steps(model_dir):
 
 def _kill9_after_checkpoint(cmd, model_dir, step, log_path):
   """Starts a run, waits for logged `step` and a checkpoint, then SIGKILLs it mid-run."""
-  with open(log_path, "w") as log:
-    proc = _start(cmd, log)
-    _wait_for_step(model_dir, step, proc)
-    while not _checkpoint_steps(model_dir):
-      time.sleep(0.02)
-    assert proc.poll() is None, "finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+  proc = helpers.start(cmd, log_path)
+  _wait_for_step(model_dir, step, proc)
+  while not _checkpoint_steps(model_dir):
+    time.sleep(0.02)
+  assert proc.poll() is None, "finished before it could be killed"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
 
 
 def _params(model_dir, step):
@@ -90,11 +62,11 @@ def _params(model_dir, step):
 
 
 def _assert_same_run(got_dir, want_dir, steps=STEPS):
-  got, want = _metrics(got_dir), _metrics(want_dir)
+  got, want = helpers.read_metrics(got_dir), helpers.read_metrics(want_dir)
   assert [m["step"] for m in got] == list(range(1, steps + 1))
   for g, w in zip(got, want):
-    for key in ("loss", "ce_loss", "grad_norm", "learning_rate", "domain_loss",
-                "domain_weights", "avg_domain_weights"):
+    for key in ("loss", "ce_loss", "grad_norm", "learning_rate", "domain_loss", "domain_weights",
+                "avg_domain_weights"):
       assert g.get(key) == w.get(key), (g["step"], key, g.get(key), w.get(key))
   got_p, want_p = _params(got_dir, steps), _params(want_dir, steps)
   import jax  # pylint: disable=g-import-not-at-top
@@ -107,57 +79,55 @@ def _assert_same_run(got_dir, want_dir, steps=STEPS):
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("resume") / "baseline")
-  _run(_cmd(path))
+  helpers.run(_cmd(path))
   return path
 
 
 def test_kill9_then_restart_equals_uninterrupted(baseline, tmp_path):
   model_dir = str(tmp_path / "run")
   _kill9_after_checkpoint(_cmd(model_dir), model_dir, 12, tmp_path / "log")
-  killed_at = _metrics(model_dir)[-1]["step"]
+  killed_at = helpers.read_metrics(model_dir)[-1]["step"]
   assert killed_at < STEPS
-  _run(_cmd(model_dir))
+  helpers.run(_cmd(model_dir))
   _assert_same_run(model_dir, baseline)
 
 
 def test_stop_after_steps_then_resume(baseline, tmp_path):
   model_dir = str(tmp_path / "run")
-  _run(_cmd(model_dir, extra=["--gin.train.stop_after_steps=33"]))
-  assert _metrics(model_dir)[-1]["step"] == 33
+  helpers.run(_cmd(model_dir, extra=["--gin.train.stop_after_steps=33"]))
+  assert helpers.read_metrics(model_dir)[-1]["step"] == 33
   assert _checkpoint_steps(model_dir)[-1] == 33  # saved where it stopped, off the 5-grid
-  _run(_cmd(model_dir))
+  helpers.run(_cmd(model_dir))
   _assert_same_run(model_dir, baseline)
 
 
 def test_sigterm_saves_exits_cleanly_and_resumes(baseline, tmp_path):
   model_dir = str(tmp_path / "run")
-  with open(tmp_path / "log", "w") as log:
-    proc = _start(_cmd(model_dir), log)
-    _wait_for_step(model_dir, 12, proc)
-    proc.send_signal(signal.SIGTERM)
-    code = proc.wait(timeout=120)
+  proc = helpers.start(_cmd(model_dir), tmp_path / "log")
+  _wait_for_step(model_dir, 12, proc)
+  proc.send_signal(signal.SIGTERM)
+  code = proc.wait(timeout=120)
   assert code == 0, (tmp_path / "log").read_text()[-3000:]
-  stopped = _metrics(model_dir)[-1]["step"]
+  stopped = helpers.read_metrics(model_dir)[-1]["step"]
   assert 12 <= stopped < STEPS
   assert _checkpoint_steps(model_dir)[-1] == stopped  # the checkpoint of the step it stopped at
   assert "preempted: checkpoint saved at step" in (tmp_path / "log").read_text()
-  _run(_cmd(model_dir))
+  helpers.run(_cmd(model_dir))
   _assert_same_run(model_dir, baseline)
 
 
 def _trajectory(model_dir):
-  with open(os.path.join(model_dir, "domain_weights_trajectory.jsonl")) as f:
-    return [json.loads(l) for l in f if l.strip()]
+  return helpers.read_jsonl(os.path.join(model_dir, "domain_weights_trajectory.jsonl"))
 
 
 @pytest.mark.slow
 def test_doremi_kill9_resume_same_weight_trajectory(tmp_path):
   ref, want, got = (str(tmp_path / n) for n in ("ref", "want", "got"))
-  _run(_cmd(ref, steps=3))
+  helpers.run(_cmd(ref, steps=3))
   steps = 40
-  _run(_cmd(want, steps=steps, reference=ref))
+  helpers.run(_cmd(want, steps=steps, reference=ref))
   _kill9_after_checkpoint(_cmd(got, steps=steps, reference=ref), got, 8, tmp_path / "log")
-  _run(_cmd(got, steps=steps, reference=ref))
+  helpers.run(_cmd(got, steps=steps, reference=ref))
   _assert_same_run(got, want, steps=steps)
   assert _trajectory(got) == _trajectory(want)
   assert [t["step"] for t in _trajectory(got)] == list(range(1, steps + 1))

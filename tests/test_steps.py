@@ -4,30 +4,22 @@ Trainers are built once per setting (module cache) and every run starts from the
 copy of one initial state, so runs differ only in what is under test.
 """
 import functools
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-try:
-  from doremi_jax import doremi
-except ImportError:  # Not installed and pytest.ini sets no pythonpath: use the checkout.
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from doremi_jax import doremi  # pylint: disable=g-import-not-at-top
+from doremi_jax import doremi
 from doremi_jax import losses
 from doremi_jax import optim
 from doremi_jax import sharding
 from doremi_jax import steps
 from doremi_jax import trainer as trainer_lib
-from doremi_jax.model import Transformer, TransformerConfig
+from doremi_jax.model import Transformer
+from tests import helpers
 
-from batches import packed_batch
-
-CFG = TransformerConfig(vocab_size=259, emb_dim=32, num_heads=2, head_dim=16, num_layers=2,
-                        mlp_dim=64, max_len=64)
+CFG = helpers.TINY_CFG
 B, L, K = 8, 32, 3
 TOTAL_STEPS = 10
 RTOL, ATOL = 1e-5, 1e-6
@@ -38,10 +30,10 @@ def _mesh(shape):
 
 
 @functools.lru_cache(maxsize=None)
-def _trainer(mesh_shape=(1, 1, 1), proxy=False, accum=1, eta=1.0, smoothing=1e-3,
-             objective="domain_mean"):
-  step_cfg = steps.StepConfig(num_domains=K, accum_steps=accum, eta=eta, smoothing=smoothing,
-                              objective=objective)
+def _trainer(
+    mesh_shape=(1, 1, 1), proxy=False, accum=1, eta=1.0, smoothing=1e-3, objective="domain_mean"):
+  hp = doremi.DoReMiConfig(eta=eta, smoothing=smoothing, objective=objective)
+  step_cfg = steps.StepConfig(num_domains=K, accum_steps=accum, doremi=hp)
   return trainer_lib.build_trainer(model_cfg=CFG, mesh=_mesh(mesh_shape), global_batch_size=B,
                                    seq_len=L, total_steps=TOTAL_STEPS, step_cfg=step_cfg,
                                    ref_model_cfg=CFG if proxy else None)
@@ -57,38 +49,24 @@ def _host_init():
 
 
 def _batches(n=3, **kwargs):
-  return [packed_batch(np.random.default_rng(i), B, L, num_domains=K, **kwargs)
-          for i in range(n)]
+  return [
+      helpers.packed_batch(np.random.default_rng(i), B, L, num_domains=K, **kwargs)
+      for i in range(n)
+  ]
 
 
 def _balanced_batches(n=3):
-  """Rows of 3 equal-length examples, one per domain (lengths vary by row): every domain has
-  exactly the same number of loss tokens."""
-  out = []
-  for i in range(n):
-    rng = np.random.default_rng(100 + i)
-    b = {k: np.zeros((B, L), np.int32) for k in ("inputs", "targets", "segment_ids",
-                                                 "positions", "domain_ids")}
-    b["loss_mask"] = np.zeros((B, L), np.float32)
-    for r in range(B):
-      n_tok = int(rng.integers(4, L // K + 1))
-      for s, d in enumerate(rng.permutation(K) + 1):
-        lo = s * n_tok
-        toks = rng.integers(3, CFG.vocab_size, n_tok)
-        b["targets"][r, lo:lo + n_tok] = toks
-        b["inputs"][r, lo + 1:lo + n_tok] = toks[:-1]
-        b["segment_ids"][r, lo:lo + n_tok] = s + 1
-        b["positions"][r, lo:lo + n_tok] = np.arange(n_tok)
-        b["domain_ids"][r, lo:lo + n_tok] = d
-        b["loss_mask"][r, lo:lo + n_tok] = 1.0
-    out.append(b)
-  return out
+  """Batches of 3 equal-length examples a row, one per domain."""
+  return [
+      helpers.balanced_batch(
+          np.random.default_rng(100 + i), B, L, vocab=CFG.vocab_size, num_domains=K)
+      for i in range(n)
+  ]
 
 
 # XLA's CPU backend spends most of these tests compiling; a low LLVM optimization level halves
 # that. Every run in a comparison is compiled the same way (same jit, shardings, donation).
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
 
 _COMPILED_STEPS = {}
 
@@ -109,8 +87,9 @@ def _run(tr, batches, state=None):
   state0, ref = _host_init()
   if state is None:
     # numpy copy: init_state returns alpha_K and avg_alpha_K as one buffer, donated twice.
-    state = (state0.replace(doremi=jax.tree.map(np.array, doremi.init_state(K))) if tr.is_doremi
-             else state0)
+    state = (
+        state0.replace(
+            doremi=jax.tree.map(np.array, doremi.init_state(K))) if tr.is_doremi else state0)
   state = jax.device_put(state, tr.state_shardings)
   ref = jax.device_put(ref, tr.ref_shardings) if tr.is_doremi else None
   metrics = []
@@ -147,8 +126,9 @@ def _assert_params_close(a, b, what, max_outlier_fraction=5e-4, outlier_atol=2.5
   y = np.concatenate([np.ravel(v) for v in jax.tree.leaves(b)])
   diff = np.abs(x - y)
   outliers = int(np.sum(diff > ATOL + RTOL * np.abs(y)))
-  assert outliers <= max(2, max_outlier_fraction * x.size), (
-      f"{what}: {outliers} of {x.size} parameters differ beyond rtol={RTOL}, atol={ATOL}")
+  assert outliers <= max(
+      2, max_outlier_fraction *
+      x.size), (f"{what}: {outliers} of {x.size} parameters differ beyond rtol={RTOL}, atol={ATOL}")
   assert diff.max() < outlier_atol, f"{what}: a parameter differs by {diff.max():.3g}"
 
 
@@ -167,7 +147,6 @@ def _assert_runs_match(run_a, run_b, keys, what):
 TRAIN_KEYS = ("loss", "ce_loss", "grad_norm", "domain_loss_sums", "domain_token_counts")
 PROXY_KEYS = TRAIN_KEYS + ("ref_loss", "domain_excess", "domain_weights", "avg_domain_weights")
 
-
 # ---------------------------------------------------------------- sharded == single device
 
 
@@ -179,8 +158,8 @@ def test_sharded_equals_single_device(mesh_shape, proxy):
   _assert_runs_match(sharded, single, PROXY_KEYS if proxy else TRAIN_KEYS, str(mesh_shape))
   # The runs did something: parameters moved, and the domain weights left uniform.
   init = _host_init()[0].params
-  assert np.abs(single[0].params["layer_0"]["mlp"]["wo"]["kernel"]
-                - init["layer_0"]["mlp"]["wo"]["kernel"]).max() > 1e-4
+  assert np.abs(single[0].params["layer_0"]["mlp"]["wo"]["kernel"] -
+                init["layer_0"]["mlp"]["wo"]["kernel"]).max() > 1e-4
   if proxy:
     assert np.abs(single[1][-1]["domain_weights"] - 1 / K).max() > 1e-3
 
@@ -193,10 +172,16 @@ def test_sharded_init_equals_single_device_init():
 # ---------------------------------------------------------- accumulation == full batch
 
 
-@pytest.mark.parametrize("mesh_shape,accum,proxy", [
-    ((1, 1, 1), 2, False), ((1, 1, 1), 4, False), ((1, 1, 1), 2, True), ((1, 1, 1), 4, True),
-    ((2, 2, 2), 2, True),  # microbatches stay spread over the batch-sharded devices
-], ids=str)
+@pytest.mark.parametrize(
+    "mesh_shape,accum,proxy",
+    [
+        ((1, 1, 1), 2, False),
+        ((1, 1, 1), 4, False),
+        ((1, 1, 1), 2, True),
+        ((1, 1, 1), 4, True),
+        ((2, 2, 2), 2, True),  # microbatches stay spread over the batch-sharded devices
+    ],
+    ids=str)
 def test_accumulation_equals_full_batch(mesh_shape, accum, proxy):
   full = _cached_run(proxy)
   accumulated = _run(_trainer(mesh_shape, proxy=proxy, accum=accum), _batches())
@@ -213,8 +198,9 @@ def _per_token_ce(params_key, batch_index):
   state, ref = _host_init()
   params = state.params if params_key == 0 else ref
   b = _batches()[batch_index]
-  logits = jax.jit(Transformer(CFG).apply)({"params": params}, b["inputs"], b["segment_ids"],
-                                           b["positions"])
+  logits = jax.jit(Transformer(CFG).apply)({
+      "params": params
+  }, b["inputs"], b["segment_ids"], b["positions"])
   ce, _, _ = losses.per_token_loss(logits, b["targets"], b["loss_mask"])
   return np.asarray(ce, np.float64)
 
@@ -250,15 +236,15 @@ def test_proxy_step_first_update_by_hand():
 def test_absent_domain_keeps_its_lambda_in_the_state():
   tr = _trainer(proxy=True)
   first = _batches(1)[0]
-  absent = packed_batch(np.random.default_rng(7), B, L, num_domains=K - 1)  # no domain 3
+  absent = helpers.packed_batch(np.random.default_rng(7), B, L, num_domains=K - 1)  # no domain 3
   state, (m1, m2) = _run(tr, [first, absent])
   assert m2["domain_token_counts"][K - 1] == 0 and np.all(m2["domain_token_counts"][:-1] > 0)
   assert m1["domain_excess"][K - 1] > 0
   assert m2["domain_excess"][K - 1] == m1["domain_excess"][K - 1]
   assert np.all(m2["domain_excess"][:-1] != m1["domain_excess"][:-1])
   np.testing.assert_array_equal(state.doremi.lambda_K, m2["domain_excess"])
-  want = doremi.update_weights(jnp.asarray(m1["domain_weights"]), jnp.asarray(m2["domain_excess"]),
-                               eta=1.0, smoothing=1e-3)
+  want = doremi.update_weights(
+      jnp.asarray(m1["domain_weights"]), jnp.asarray(m2["domain_excess"]), eta=1.0, smoothing=1e-3)
   np.testing.assert_allclose(m2["domain_weights"], want, rtol=1e-6)
   np.testing.assert_allclose(state.doremi.avg_alpha_K,
                              (m1["domain_weights"] + m2["domain_weights"]) / 2, rtol=1e-6)
@@ -266,7 +252,6 @@ def test_absent_domain_keeps_its_lambda_in_the_state():
 
 
 # ----------------------------------------------- DoReMi with eta -> 0 is a plain train step
-
 
 TINY = dict(eta=1e-12, smoothing=0.0)
 
@@ -315,10 +300,11 @@ def test_tiny_eta_token_weighted_equals_train_step_on_any_batch():
     ((1, 1, 1), dict(accum=3), r"BATCH_SIZE=8 .*accum_steps=3"),
     ((2, 1, 1), dict(accum=8), r"microbatch 1 .*data-parallel size 2"),
 ])
-def test_build_trainer_rejects_bad_shapes_before_building(mesh_shape, kwargs, match,
-                                                          monkeypatch):
+def test_build_trainer_rejects_bad_shapes_before_building(mesh_shape, kwargs, match, monkeypatch):
+
   def no_model(*_):
     raise AssertionError("build_trainer built the model before validating the shapes")
+
   monkeypatch.setattr(trainer_lib, "Transformer", no_model)
   monkeypatch.setattr(jax, "jit", no_model)
   args = dict(model_cfg=CFG, mesh=_mesh(mesh_shape), global_batch_size=B, seq_len=L,
@@ -335,13 +321,13 @@ def test_build_trainer_rejects_bad_shapes_before_building(mesh_shape, kwargs, ma
 def test_lr_schedule_hand_values():
   s = optim.lr_schedule(100, peak_lr=1e-3, final_lr=1e-4)  # warmup: 6 steps
   got = np.array([float(s(t)) for t in (0, 2, 5, 6, 53, 100, 150)])
-  want = [1e-3 / 6, 3e-3 / 6, 1e-3, 1e-3, 1e-3 * 0.1 ** 0.5, 1e-4, 1e-4]
+  want = [1e-3 / 6, 3e-3 / 6, 1e-3, 1e-3, 1e-3 * 0.1**0.5, 1e-4, 1e-4]
   np.testing.assert_allclose(got, want, rtol=1e-5)
   # Linear during warmup; after it, a constant ratio per step (exponential decay).
   warm = np.array([float(s(t)) for t in range(6)])
   np.testing.assert_allclose(np.diff(warm), 1e-3 / 6, rtol=1e-4)
   decay = np.array([float(s(t)) for t in range(6, 101)])
-  np.testing.assert_allclose(decay[1:] / decay[:-1], 0.1 ** (1 / 94), rtol=1e-5)
+  np.testing.assert_allclose(decay[1:] / decay[:-1], 0.1**(1 / 94), rtol=1e-5)
 
 
 def test_trainer_uses_the_schedule():

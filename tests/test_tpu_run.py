@@ -1,25 +1,21 @@
 """Tests for launch/tpu_run.sh: the commands it generates, and its errors."""
 import os
-import pathlib
 import shlex
 import stat
-import subprocess
 import tarfile
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "launch" / "tpu_run.sh"
+from tests import helpers
+
+SCRIPT = os.path.join(helpers.ROOT, "launch", "tpu_run.sh")
 
 
 def _run(*args, env=None, check=True):
-  full_env = dict(os.environ)
-  full_env.update(env or {})
-  proc = subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True,
-                        env=full_env, timeout=60)
-  if check:
-    assert proc.returncode == 0, proc.stderr
-  return proc
+  return helpers.run(["bash", SCRIPT, *args], env={
+      **os.environ,
+      **(env or {})
+  }, timeout=60, check=check)
 
 
 def _dry_run(*args):
@@ -44,8 +40,10 @@ def _remote(cmd):
 
 
 def _python_args(cmds):
-  runs = [c for c in _find(cmds, "gcloud", "compute", "tpus", "tpu-vm", "ssh")
-          if "/bin/python" in c[c.index("--command") + 1]]
+  runs = [
+      c for c in _find(cmds, "gcloud", "compute", "tpus", "tpu-vm", "ssh")
+      if "/bin/python" in c[c.index("--command") + 1]
+  ]
   assert len(runs) == 1, cmds
   words = _remote(runs[0])
   start = next(i for i, w in enumerate(words) if w.endswith("/bin/python"))
@@ -62,12 +60,13 @@ BASE = ["--gin_file", "gin/runs/doremi.gin", "--gin_file", "gin/models/280m.gin"
     ("v4-32", "tpu-ubuntu2204-base"),
 ])
 def test_create_install_run(accel, runtime):
-  cmds = _dry_run("--name", "dr", "--zone", "us-west4-a", "--accelerator-type", accel,
-                  "--project", "proj", *BASE, "--gin", "TRAIN_STEPS=100",
-                  "--model-dir", "gs://bucket/run1")
+  cmds = _dry_run("--name", "dr", "--zone", "us-west4-a", "--accelerator-type", accel, "--project",
+                  "proj", *BASE, "--gin", "TRAIN_STEPS=100", "--model-dir", "gs://bucket/run1")
   create = _find(cmds, "gcloud", "compute", "tpus", "tpu-vm", "create")
-  assert create == [["gcloud", "compute", "tpus", "tpu-vm", "create", "dr", "--zone", "us-west4-a",
-                     "--project", "proj", "--accelerator-type", accel, "--version", runtime]]
+  assert create == [[
+      "gcloud", "compute", "tpus", "tpu-vm", "create", "dr", "--zone", "us-west4-a", "--project",
+      "proj", "--accelerator-type", accel, "--version", runtime
+  ]]
   assert not _find(cmds, "gcloud", "compute", "tpus", "queued-resources")
   # The local tree goes to every worker, then is installed on every worker.
   scp = _find(cmds, "gcloud", "compute", "tpus", "tpu-vm", "scp")
@@ -79,9 +78,11 @@ def test_create_install_run(accel, runtime):
   install = ssh[0][ssh[0].index("--command") + 1]
   assert "tar -xzf" in install and "pip install" in install and "'.[tpu]'" in install
   _, args = _python_args(cmds)
-  assert args == ["-m", "doremi_jax.train", "--multihost_tpu", "--gin_file=gin/runs/doremi.gin",
-                  "--gin_file=gin/models/280m.gin", "--gin.MODEL_DIR='gs://bucket/run1'",
-                  "--gin.TRAIN_STEPS=100"]
+  assert args == [
+      "-m", "doremi_jax.train", "--multihost_tpu", "--gin_file=gin/runs/doremi.gin",
+      "--gin_file=gin/models/280m.gin", "--gin.MODEL_DIR='gs://bucket/run1'",
+      "--gin.TRAIN_STEPS=100"
+  ]
   # Order: create, copy, install, run; no delete unless asked.
   order = [c[4] for c in cmds if c[:4] == ["gcloud", "compute", "tpus", "tpu-vm"]]
   assert order == ["describe", "create", "scp", "ssh", "ssh"]
@@ -96,8 +97,8 @@ def test_single_and_multi_host_are_both_worker_all():
 
 @pytest.mark.parametrize("accel", ["v5litepod-16", "v4-32"])
 def test_queued_spot(accel):
-  cmds = _dry_run("--name", "q", "--zone", "us-central2-b", "--accelerator-type", accel,
-                  "--queued", "--spot", *BASE)
+  cmds = _dry_run("--name", "q", "--zone", "us-central2-b", "--accelerator-type", accel, "--queued",
+                  "--spot", *BASE)
   create = _find(cmds, "gcloud", "compute", "tpus", "queued-resources", "create")
   assert len(create) == 1
   c = create[0]
@@ -120,31 +121,30 @@ def test_preemptible_and_runtime_override():
 
 
 def test_gin_quoting_survives_two_shells():
-  cmds = _dry_run("--name", "g", "--zone", "z", "--accelerator-type", "v5litepod-8", *BASE,
-                  "--gin", "MODEL_DIR='gs://b/x'",
-                  "--gin", "train.run_name=\"it's a b\"",
-                  "--gin", "MIXTURE_OR_TASK_NAME='pile_$HOME;`x`'",
-                  "--gin", "TASK_FEATURE_LENGTHS={'targets': 1024}")
+  cmds = _dry_run("--name", "g", "--zone", "z", "--accelerator-type", "v5litepod-8", *BASE, "--gin",
+                  "MODEL_DIR='gs://b/x'", "--gin", "train.run_name=\"it's a b\"", "--gin",
+                  "MIXTURE_OR_TASK_NAME='pile_$HOME;`x`'", "--gin",
+                  "TASK_FEATURE_LENGTHS={'targets': 1024}")
   _, args = _python_args(cmds)
-  assert args[-4:] == ["--gin.MODEL_DIR='gs://b/x'",
-                       "--gin.train.run_name=\"it's a b\"",
-                       "--gin.MIXTURE_OR_TASK_NAME='pile_$HOME;`x`'",
-                       "--gin.TASK_FEATURE_LENGTHS={'targets': 1024}"]
+  assert args[-4:] == [
+      "--gin.MODEL_DIR='gs://b/x'", "--gin.train.run_name=\"it's a b\"",
+      "--gin.MIXTURE_OR_TASK_NAME='pile_$HOME;`x`'", "--gin.TASK_FEATURE_LENGTHS={'targets': 1024}"
+  ]
 
 
 @pytest.mark.parametrize("stage,module", [("pipeline", "doremi_jax.pipeline"),
                                           ("eval", "doremi_jax.evaluate"),
                                           ("train", "doremi_jax.train")])
 def test_stages(stage, module):
-  cmds = _dry_run("--name", "s", "--zone", "z", "--accelerator-type", "v4-8",
-                  "--stage", stage, "--gin_file", "gin/pipelines/pile_280m.gin")
+  cmds = _dry_run("--name", "s", "--zone", "z", "--accelerator-type", "v4-8", "--stage", stage,
+                  "--gin_file", "gin/pipelines/pile_280m.gin")
   _, args = _python_args(cmds)
   assert args == ["-m", module, "--multihost_tpu", "--gin_file=gin/pipelines/pile_280m.gin"]
 
 
 def test_env_and_skip_install():
-  cmds = _dry_run("--name", "e", "--zone", "z", "--accelerator-type", "v4-8", *BASE,
-                  "--env", "XLA_FLAGS=--xla_a=1 --xla_b", "--skip-install")
+  cmds = _dry_run("--name", "e", "--zone", "z", "--accelerator-type", "v4-8", *BASE, "--env",
+                  "XLA_FLAGS=--xla_a=1 --xla_b", "--skip-install")
   ssh = _find(cmds, "gcloud", "compute", "tpus", "tpu-vm", "ssh")
   assert len(ssh) == 1 and not _find(cmds, "gcloud", "compute", "tpus", "tpu-vm", "scp")
   words = _remote(ssh[0])
@@ -152,8 +152,8 @@ def test_env_and_skip_install():
 
 
 def test_git_repo_install():
-  cmds = _dry_run("--name", "r", "--zone", "z", "--accelerator-type", "v4-8", *BASE,
-                  "--repo", "https://github.com/me/doremi_jax.git", "--ref", "v0.1")
+  cmds = _dry_run("--name", "r", "--zone", "z", "--accelerator-type", "v4-8", *BASE, "--repo",
+                  "https://github.com/me/doremi_jax.git", "--ref", "v0.1")
   assert not _find(cmds, "gcloud", "compute", "tpus", "tpu-vm", "scp")
   install = _find(cmds, "gcloud", "compute", "tpus", "tpu-vm", "ssh")[0]
   text = install[install.index("--command") + 1]
@@ -163,20 +163,25 @@ def test_git_repo_install():
 
 def test_delete_after_run_and_delete_only():
   cmds = _dry_run("--name", "d", "--zone", "z", "--accelerator-type", "v4-8", *BASE, "--delete")
-  assert cmds[-1] == ["gcloud", "compute", "tpus", "tpu-vm", "delete", "d", "--zone", "z",
-                      "--quiet"]
+  assert cmds[-1] == [
+      "gcloud", "compute", "tpus", "tpu-vm", "delete", "d", "--zone", "z", "--quiet"
+  ]
   cmds = _dry_run("--name", "d", "--zone", "z", "--delete-only")
   assert cmds == [["gcloud", "compute", "tpus", "tpu-vm", "delete", "d", "--zone", "z", "--quiet"]]
   cmds = _dry_run("--name", "d", "--zone", "z", "--delete-only", "--queued")
-  assert cmds == [["gcloud", "compute", "tpus", "queued-resources", "delete", "d", "--zone", "z",
-                   "--force", "--quiet"]]
+  assert cmds == [[
+      "gcloud", "compute", "tpus", "queued-resources", "delete", "d", "--zone", "z", "--force",
+      "--quiet"
+  ]]
 
 
 def test_compile_check_runs_locally():
   cmds = _dry_run("--stage", "compile_check", "--accelerator-type", "v5litepod-16", *BASE)
   assert len(cmds) == 1
-  assert cmds[0][1:] == ["-m", "doremi_jax.compile_check", "--gin_file=gin/runs/doremi.gin",
-                         "--gin_file=gin/models/280m.gin", "--topology=v5e:4x4"]
+  assert cmds[0][1:] == [
+      "-m", "doremi_jax.compile_check", "--gin_file=gin/runs/doremi.gin",
+      "--gin_file=gin/models/280m.gin", "--topology=v5e:4x4"
+  ]
   cmds = _dry_run("--stage", "compile_check", "--accelerator-type", "v4-32", *BASE)
   assert cmds[0][-1] == "--topology=v4:2x2x4"
 
@@ -187,13 +192,13 @@ def test_compile_check_runs_locally():
     (["--name", "n", "--zone", "z", *BASE], "--accelerator-type"),
     (["--name", "n", "--zone", "z", "--accelerator-type", "v4-8"], "--gin_file"),
     (["--delete-only", "--zone", "z"], "--name"),
-    (["--name", "n", "--zone", "z", "--accelerator-type", "v4-8", *BASE, "--stage", "x"],
-     "--stage"),
-    (["--name", "n", "--zone", "z", "--accelerator-type", "v4-8", *BASE, "--gin", "NOEQUALS"],
-     "NAME=VALUE"),
+    (["--name", "n", "--zone", "z", "--accelerator-type", "v4-8", *BASE, "--stage", "x"
+     ], "--stage"),
+    (["--name", "n", "--zone", "z", "--accelerator-type", "v4-8", *BASE, "--gin", "NOEQUALS"
+     ], "NAME=VALUE"),
     (["--name", "n", "--zone", "z", "--accelerator-type", "tpu9", *BASE], "accelerator-type"),
-    (["--name", "n", "--zone", "z", "--accelerator-type", "v4-8", *BASE, "--bogus"],
-     "unknown flag"),
+    (["--name", "n", "--zone", "z", "--accelerator-type", "v4-8", *BASE, "--bogus"
+     ], "unknown flag"),
     (["--name"], "needs a value"),
 ])
 def test_errors(args, message):
@@ -221,14 +226,17 @@ def _fake_gcloud(tmp_path, record: str, cases: str):
 def test_real_run_with_fake_gcloud(tmp_path):
   """Without --dry-run: gcloud is called as printed, the tree is packed, logs are kept."""
   bin_dir, calls = _fake_gcloud(
-      tmp_path, f"printf '%s\\x1f' \"$@\" >> {tmp_path / 'calls'}; echo >> {tmp_path / 'calls'}",
+      tmp_path,
+      f"printf '%s\\x1f' \"$@\" >> {tmp_path / 'calls'}; echo >> {tmp_path / 'calls'}",
       "  *'tpu-vm describe'*) exit 1 ;;\n"  # not there yet
       "  *'tpu-vm scp'*) cp \"$5\" " + str(tmp_path / "copied.tar.gz") + " ;;\n"
       "  *'tpu-vm ssh'*python*) echo 'worker 0: step 1 loss 3.2' ;;\n")
   log_dir = tmp_path / "logs"
-  proc = _run("--name", "f", "--zone", "z", "--accelerator-type", "v4-32", *BASE,
-              "--model-dir", "gs://b/r", "--log-dir", str(log_dir), "--delete",
-              env={"PATH": f"{bin_dir}:/usr/bin:/bin", "TMPDIR": str(tmp_path)})
+  proc = _run("--name", "f", "--zone", "z", "--accelerator-type", "v4-32", *BASE, "--model-dir",
+              "gs://b/r", "--log-dir", str(log_dir), "--delete", env={
+                  "PATH": f"{bin_dir}:/usr/bin:/bin",
+                  "TMPDIR": str(tmp_path)
+              })
   assert "worker 0: step 1 loss 3.2" in proc.stdout
   lines = [l.rstrip("\x1f").split("\x1f") for l in calls.read_text().splitlines()]
   assert [l[3] for l in lines] == ["describe", "create", "scp", "ssh", "ssh", "delete"]
@@ -244,12 +252,12 @@ def test_real_run_with_fake_gcloud(tmp_path):
 
 def test_real_run_deletes_on_failure(tmp_path):
   bin_dir, calls = _fake_gcloud(
-      tmp_path, f"echo \"$*\" >> {tmp_path / 'calls'}",
-      "  *'tpu-vm describe'*) echo READY ;;\n"
+      tmp_path, f"echo \"$*\" >> {tmp_path / 'calls'}", "  *'tpu-vm describe'*) echo READY ;;\n"
       "  *'tpu-vm ssh'*python*) echo boom >&2; exit 7 ;;\n")
-  proc = _run("--name", "f", "--zone", "z", "--accelerator-type", "v4-8", *BASE,
-              "--skip-install", "--log-dir", str(tmp_path / "logs"), "--delete",
-              env={"PATH": f"{bin_dir}:/usr/bin:/bin"}, check=False)
+  proc = _run("--name", "f", "--zone", "z",
+              "--accelerator-type", "v4-8", *BASE, "--skip-install", "--log-dir",
+              str(tmp_path / "logs"), "--delete", env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
+              check=False)
   assert proc.returncode == 7
   verbs = [l.split()[3] for l in calls.read_text().splitlines()]
   assert verbs == ["describe", "ssh", "delete"]  # reused, ran, deleted
