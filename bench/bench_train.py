@@ -103,8 +103,8 @@ def time_train_and_proxy(cfg, batch: int, seq_len: int, n_steps: int, windows: i
 def input_tokens_per_second(seq_len: int, batch: int) -> float:
   import data_pipelines.demo  # pylint: disable=g-import-not-at-top,unused-import
   from bench_input import measure_input_tokens_per_second  # pylint: disable=g-import-not-at-top
-  from doremi_jax import data  # pylint: disable=g-import-not-at-top
-  packed = data.PackedDomains.build("demo_natural", "train", seq_len)
+  from bench_input import build_packed  # pylint: disable=g-import-not-at-top
+  packed, _ = build_packed("demo_natural", seq_len)
   return measure_input_tokens_per_second(packed, batch, steps=200, sampling="mixture")
 
 

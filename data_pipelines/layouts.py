@@ -1,5 +1,4 @@
 """Shared helpers for corpora whose split comes from the directory layout."""
-import glob
 import logging
 import os
 from typing import Any, Callable, Mapping, Sequence
@@ -9,25 +8,35 @@ from data_pipelines import sources
 _SUFFIXES = (".jsonl.zst", ".jsonl", ".json.zst", ".jsonl.gz")
 
 
+def _walk_files(d: str) -> list[str]:
+  """Every file under d with a JSONL suffix (local or gs://, via tf.io.gfile)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return [
+      os.path.join(root, name)
+      for root, _, names in tf.io.gfile.walk(d)
+      for name in names
+      if name.endswith(_SUFFIXES)
+  ]
+
+
 def split_files(data_dir: str, aliases: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
-  """{split: files} from `<dir>/<alias>/**` or `<dir>/<alias>.jsonl[.zst]`.
+  """{split: files} from `<dir>/<alias>/**` or `<dir>/<alias>.jsonl[.zst]`, local or gs://.
 
   Raises:
     FileNotFoundError: no data directory, or no training files in it.
   """
-  if not os.path.isdir(data_dir):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if not tf.io.gfile.isdir(data_dir):
     raise FileNotFoundError(f"Data directory not found: {data_dir}.")
   out = {}
   for split, names in aliases.items():
     files = []
     for name in names:
       d = os.path.join(data_dir, name)
-      if os.path.isdir(d):
-        files += [
-            p for p in glob.glob(os.path.join(d, "**", "*"), recursive=True)
-            if p.endswith(_SUFFIXES)
-        ]
-      files += [d + s for s in _SUFFIXES if os.path.isfile(d + s)]
+      # Listings rather than isdir/exists: object stores answer those for any prefix.
+      if tf.io.gfile.glob(os.path.join(d, "*")):
+        files += _walk_files(d)
+      files += [p for s in _SUFFIXES for p in tf.io.gfile.glob(d + s) if p == d + s]
     if files:
       out[split] = sorted(files)
   if "train" not in out:

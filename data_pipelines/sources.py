@@ -10,7 +10,6 @@ Malformed JSONL policy: by default a line that is not a JSON object, or lacks
 the text field, raises ValueError naming the file and line number. With
 on_malformed="skip" such lines are skipped and the count is logged per file.
 """
-import glob
 import hashlib
 import io
 import json
@@ -123,9 +122,9 @@ def _fingerprint(paths: Sequence[str], *extra) -> str:
   return h.hexdigest()[:16]
 
 
-def generator_source(texts_fn: Callable[[str],
-                                        Iterable[str]], splits: Sequence[str] = DEFAULT_SPLITS,
-                     fingerprint: Optional[str] = None) -> seqio.FunctionDataSource:
+def generator_source(texts_fn: Callable[[str], Iterable[str]],
+                     splits: Sequence[str] = DEFAULT_SPLITS, fingerprint: Optional[str] = None,
+                     raw_spec: Optional[Callable[[str], dict]] = None) -> seqio.FunctionDataSource:
   """A FunctionDataSource from a python function split -> documents.
 
   Files are read in a fixed order (shuffle_files is ignored; doremi_jax.data
@@ -141,7 +140,24 @@ def generator_source(texts_fn: Callable[[str],
   src = seqio.FunctionDataSource(dataset_fn, splits=list(splits))
   src.fingerprint = fingerprint  # pytype: disable=attribute-error
   src.iter_texts = texts_fn  # pytype: disable=attribute-error
+  # How the token store's one-pass build reads this source's raw files (None: through
+  # the task). data_pipelines/build_store.py routes records by domain_field/domain_value.
+  src.raw_spec = raw_spec  # pytype: disable=attribute-error
   return src
+
+
+def _raw_spec(files: Sequence[str], *, kind: str = "jsonl", text_field: str = "text",
+              domain_field: Optional[str] = None, domain_value: Optional[str] = None,
+              on_malformed: str = "error", val_fraction: Optional[float] = None) -> dict:
+  return {
+      "kind": kind,
+      "files": list(files),
+      "text_field": text_field,
+      "domain_field": domain_field,
+      "domain_value": domain_value,
+      "on_malformed": on_malformed,
+      "val_fraction": val_fraction
+  }
 
 
 def _check_split(split: str, splits: Sequence[str]):
@@ -176,8 +192,15 @@ def files_source(paths: Sequence[str], *, text_field: str = "text",
       if in_validation(text, val_fraction) == want_val:
         yield text
 
+  def raw_spec(split):
+    _check_split(split, DEFAULT_SPLITS)
+    return _raw_spec(paths, text_field=text_field, domain_field=domain_field,
+                     domain_value=domain_value, on_malformed=on_malformed,
+                     val_fraction=val_fraction)
+
   return generator_source(texts, DEFAULT_SPLITS,
-                          _fingerprint(paths, text_field, domain_field, domain_value, val_fraction))
+                          _fingerprint(paths, text_field, domain_field, domain_value, val_fraction),
+                          raw_spec)
 
 
 def split_files_source(split_paths: Mapping[str, Sequence[str]], *, text_field: str = "text",
@@ -190,9 +213,14 @@ def split_files_source(split_paths: Mapping[str, Sequence[str]], *, text_field: 
     _check_split(split, list(split_paths))
     yield from _iter_docs(split_paths[split], text_field, domain_field, domain_value, on_malformed)
 
+  def raw_spec(split):
+    _check_split(split, list(split_paths))
+    return _raw_spec(split_paths[split], text_field=text_field, domain_field=domain_field,
+                     domain_value=domain_value, on_malformed=on_malformed)
+
   all_paths = [p for v in split_paths.values() for p in v]
   return generator_source(texts, list(split_paths),
-                          _fingerprint(all_paths, text_field, domain_field, domain_value))
+                          _fingerprint(all_paths, text_field, domain_field, domain_value), raw_spec)
 
 
 def _iter_docs(paths, text_field, domain_field, domain_value, on_malformed):
@@ -206,9 +234,12 @@ def _iter_docs(paths, text_field, domain_field, domain_value, on_malformed):
 
 
 def _files_with_suffix(d: str, suffixes) -> list[str]:
-  pattern = os.path.join(d, "**", "*")
+  """Files under d (recursively; local or gs://) whose names end with a suffix."""
   return sorted(
-      p for p in glob.glob(pattern, recursive=True) if p.endswith(suffixes) and os.path.isfile(p))
+      os.path.join(root, name)
+      for root, _, names in tf.io.gfile.walk(d)
+      for name in names
+      if name.endswith(suffixes))
 
 
 def directory_domains(data_dir: str, **kwargs) -> dict[str, seqio.FunctionDataSource]:
@@ -219,13 +250,13 @@ def directory_domains(data_dir: str, **kwargs) -> dict[str, seqio.FunctionDataSo
   blank lines); or `data_dir/<domain>/**` with .jsonl[.zst] files and/or
   .txt files (one document per .txt file there).
   """
-  if not os.path.isdir(data_dir):
+  if not tf.io.gfile.isdir(data_dir):
     raise FileNotFoundError(f"Domain directory not found: {data_dir}. Pass a directory holding "
                             "<domain>.jsonl files or <domain>/ subdirectories.")
   out = {}
-  for entry in sorted(os.listdir(data_dir)):
+  for entry in sorted(e.rstrip("/") for e in tf.io.gfile.listdir(data_dir)):
     path = os.path.join(data_dir, entry)
-    if os.path.isdir(path):
+    if tf.io.gfile.isdir(path):
       files = _files_with_suffix(path, JSONL_SUFFIXES + TEXT_SUFFIXES)
       if not files:
         raise ValueError(f"Domain {entry!r}: no .jsonl/.jsonl.zst/.txt files "
@@ -252,7 +283,11 @@ def _paragraph_source(path: str, val_fraction: float):
       if in_validation(t, val_fraction) == (split == "validation"):
         yield t
 
-  return generator_source(texts, DEFAULT_SPLITS, _fingerprint([path], val_fraction))
+  def raw_spec(split):
+    _check_split(split, DEFAULT_SPLITS)
+    return _raw_spec([path], kind="paragraphs", val_fraction=val_fraction)
+
+  return generator_source(texts, DEFAULT_SPLITS, _fingerprint([path], val_fraction), raw_spec)
 
 
 def jsonl_field_domains(paths: Sequence[str], domain_field: str, *,

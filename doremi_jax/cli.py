@@ -28,3 +28,5 @@ compile_check = _entry("doremi_jax.compile_check",
                        "doremi-compile-check: a step compiled for a TPU topology here.")
 train_spm = _entry("data_pipelines.train_spm",
                    "doremi-train-spm: a SentencePiece model from a domain set's text.")
+build_store = _entry("data_pipelines.build_store",
+                     "doremi-build-store: a domain set's token store (Apache Beam).")

@@ -1,18 +1,20 @@
 """Deterministic, per-host, resumable training input over SeqIO domains.
 
-Each domain's split is tokenized (through its SeqIO Task: tokenize, EOS,
-domain_ids) and packed ONCE into numpy arrays [N_d, L] cached on disk (local
-or gs://, via tf.io.gfile), keyed by a hash of (domain set, split, L,
-vocabulary, data fingerprint, packing mode). Packing concatenates a domain's
-documents and cuts the stream into rows of L tokens; documents are segments
-(segment_ids 1.., positions restart at 0), and a document cut by a row end
-continues as a new segment of the next row. No token is dropped; only the
-last row is padded.
+Where rows come from (`open_domains`): the token store (doremi_jax/store.py), built once
+per (domain set, vocabulary, sources, L) by an Apache Beam job
+(data_pipelines/build_store.py) and read by random access, so host memory is bounded by
+the store's index; or, with pack_across_domains, the in-memory PackedDomains cache (rows
+mix domains; natural mixtures of small corpora only). Packing concatenates a domain's
+documents and cuts the stream into rows of L tokens; documents are segments (segment_ids
+1.., positions restart at 0), and a document cut by a row end continues as a new segment
+of the next row. No token is dropped; only the last row is padded.
 
 BatchIterator is a counter-based sampler: the global batch at step s is a
 pure function of (seed, s, per-domain draw counters). Every host computes the
-same global domain assignment and materializes only its rows. The n-th draw
-from domain d is permutation(seed, d, n // N_d)[n % N_d], so no sequence
+same global domain assignment and materializes only its rows, so a batch's
+domain composition never depends on the number of hosts. The n-th draw
+from domain d is perm(seed, d, n // N_d)(n % N_d), a counter-based
+permutation (permute.py: no per-row state), so no sequence
 repeats within a pass over a domain.
 """
 import hashlib
@@ -24,7 +26,10 @@ from typing import Iterator, Mapping, Optional, Union
 
 import numpy as np
 
-FEATURES = ("inputs", "targets", "segment_ids", "positions", "domain_ids")
+from doremi_jax import permute
+from doremi_jax import store
+
+FEATURES = store.FEATURES
 MIXED_POOL = "__mixed__"
 
 
@@ -55,23 +60,16 @@ def pack_documents(docs_tokens: list[np.ndarray], docs_domains: list[int],
   targets = np.pad(stream, (0, pad)).reshape(n, length)
   doc = np.pad(doc, (0, pad), constant_values=-1).reshape(n, length)
   domain_ids = np.pad(dom, (0, pad)).reshape(n, length)
-  valid = doc >= 0
+  segment_ids = _segment_ids(doc)
+  return store.row_features(targets, segment_ids, np.where(segment_ids > 0, domain_ids, 0))
+
+
+def _segment_ids(doc_NxL: np.ndarray) -> np.ndarray:
+  """1.. per document within each row (a row's first token starts a segment), 0 on padding."""
+  valid = doc_NxL >= 0
   change = np.ones_like(valid)
-  change[:, 1:] = doc[:, 1:] != doc[:, :-1]
-  segment_ids = np.where(valid, np.cumsum(change, axis=1), 0).astype(np.int32)
-  col = np.broadcast_to(np.arange(length), (n, length))
-  start = np.maximum.accumulate(np.where(change, col, 0), axis=1)
-  positions = np.where(valid, col - start, 0).astype(np.int32)
-  inputs = np.zeros_like(targets)
-  inputs[:, 1:] = targets[:, :-1]
-  inputs = np.where(positions == 0, 0, inputs).astype(np.int32)
-  return {
-      "inputs": inputs,
-      "targets": targets,
-      "segment_ids": segment_ids,
-      "positions": positions,
-      "domain_ids": domain_ids.astype(np.int32)
-  }
+  change[:, 1:] = doc_NxL[:, 1:] != doc_NxL[:, :-1]
+  return np.where(valid, np.cumsum(change, axis=1), 0).astype(np.int32)
 
 
 def _source_fingerprint(task) -> str:
@@ -145,6 +143,9 @@ class PackedDomains:
   def pools(self) -> list[str]:
     return list(self.arrays)
 
+  def close(self) -> None:
+    """Nothing to close (arrays in memory); as StoreDomains.close."""
+
   def rows(self, pool: str, idx: np.ndarray) -> dict[str, np.ndarray]:
     """Rows `idx` of a pool: every feature of FEATURES as [len(idx), L] int32."""
     return {k: self.arrays[pool][k][idx] for k in FEATURES}
@@ -213,6 +214,26 @@ class PackedDomains:
     counts = packed.num_tokens if split == "train" and not packed.mixed else None
     packed.mixture_rates = core.mixture_rates(mixture_or_task_name, natural_counts=counts)
     return packed
+
+
+class FirstRows:
+  """The first n rows of every pool of packed domains (a fixed evaluation subset)."""
+
+  def __init__(self, packed, n: int):
+    self._packed = packed
+    self.names, self.pools, self.mixed = packed.names, packed.pools, packed.mixed
+    self.split, self.sequence_length = packed.split, packed.sequence_length
+    self.mixture_rates = packed.mixture_rates
+    self.num_sequences = {p: min(int(n), packed.num_sequences[p]) for p in self.pools}
+
+  def close(self) -> None:
+    getattr(self._packed, "close", lambda: None)()
+
+  def rows(self, pool: str, idx: np.ndarray) -> dict[str, np.ndarray]:
+    if len(idx) and int(np.max(idx)) >= self.num_sequences[pool]:
+      raise IndexError(f"row {int(np.max(idx))} of {pool!r} is past the first "
+                       f"{self.num_sequences[pool]}.")
+    return self._packed.rows(pool, idx)
 
 
 def _finish(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -285,7 +306,6 @@ class BatchIterator:
     self._length = packed.sequence_length
     self._step = 0
     self._draws = np.zeros(k, np.int64)
-    self._perm_cache: dict[tuple[int, int], np.ndarray] = {}
 
   # ----------------------------------------------------------------- state
 
@@ -314,15 +334,6 @@ class BatchIterator:
       return assign[rng.permutation(b)]
     return rng.choice(k, size=b, p=self.probs)
 
-  def _perm(self, d: int, epoch: int) -> np.ndarray:
-    key = (d, epoch)
-    if key not in self._perm_cache:
-      if len(self._perm_cache) > 4 * len(self.pools):
-        self._perm_cache.clear()
-      n = self.packed.num_sequences[self.pools[d]]
-      self._perm_cache[key] = np.random.default_rng([self.seed, d, epoch, 0xD0E]).permutation(n)
-    return self._perm_cache[key]
-
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     return self
 
@@ -350,7 +361,8 @@ class BatchIterator:
       idx = np.empty(len(rows), np.int64)
       for epoch in np.unique(draws // n):
         sel = draws // n == epoch
-        idx[sel] = self._perm(d, int(epoch))[draws[sel] % n]
+        key = permute.permutation_key(self.seed, d, int(epoch), 0xD0E)
+        idx[sel] = permute.permute(draws[sel] % n, n, key)
       got = self.packed.rows(self.pools[d], idx)
       for k in FEATURES:
         out[k][rows] = got[k]

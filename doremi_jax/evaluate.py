@@ -17,10 +17,12 @@ if __name__ == "__main__":
   raise SystemExit(0)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+import dataclasses
 import os
 from typing import Mapping, Optional
 
 import gin
+import jax
 
 from doremi_jax import checkpoint as ckpt_lib
 from doremi_jax import config as config_lib
@@ -55,8 +57,12 @@ def evaluate(model_dir: str = gin.REQUIRED, *, batch_size: int = 16,
                           model=TransformerConfig(**info["model"]))
   trainer = run_lib.build_run(cfg, abstract=True).trainer
   params, ckpt_step = ckpt_lib.restore_params(model_dir, trainer.abstract_state.params, step)
-  result = evaluation.Evaluator(trainer, mixture, seq_len, batch_size=batch_size,
-                                cache_dir=cache_dir).evaluate(params)
+  cfg = dataclasses.replace(cfg, cache_dir=cache_dir)
+  validation = run_lib.open_domains(cfg, "validation", process_index=jax.process_index())
+  try:
+    result = evaluation.Evaluator(trainer, validation, batch_size=batch_size).evaluate(params)
+  finally:
+    validation.close()
   result = {"step": ckpt_step, "mixture": mixture, **result}
   outputs.write_json(os.path.join(model_dir, outputs.EVAL), result)
   return result

@@ -36,21 +36,16 @@ def summarize(domains, loss_sums_K, counts_K) -> dict:
 class Evaluator:
   """Evaluates parameters on every validation sequence of every domain."""
 
-  def __init__(self, trainer, mixture_or_task_name: str, seq_len: int, *, batch_size: int,
-               cache_dir: Optional[str] = None, max_sequences_per_domain: Optional[int] = None):
-    """max_sequences_per_domain: evaluate on the first N validation sequences of each
-    domain (a fixed subset, the same at every evaluation); None for all of them."""
+  def __init__(self, trainer, validation, *, batch_size: int,
+               max_sequences_per_domain: Optional[int] = None):
+    """validation: the packed validation rows (a token store, or PackedDomains).
+    max_sequences_per_domain: evaluate on the first N validation sequences of each domain
+    (a fixed subset, the same at every evaluation); None for all of them."""
     self.trainer = trainer
-    self.domains = data_lib.domain_names(mixture_or_task_name)
-    self.packed = data_lib.PackedDomains.build(mixture_or_task_name, "validation", seq_len,
-                                               cache_dir=cache_dir)
+    self.domains = list(validation.names)
+    self.packed = validation
     if max_sequences_per_domain:
-      self.packed = data_lib.PackedDomains(
-          self.packed.names, {
-              pool: {
-                  k: v[:max_sequences_per_domain] for k, v in arrays.items()
-              } for pool, arrays in self.packed.arrays.items()
-          }, split="validation", sequence_length=seq_len)
+      self.packed = data_lib.FirstRows(validation, max_sequences_per_domain)
     self.batch_size = batch_size
 
   def evaluate(self, params) -> dict:

@@ -183,11 +183,13 @@ def _validate(baselines, max_rounds: int, natural_weights: str) -> None:
 
 
 def _natural(domain_set: str, sequence_length: int, cache_dir, natural_weights: str):
-  """(natural weights, train token counts); packing the train split once gives the counts
-  behind natural and UniMax weights."""
+  """(natural weights, train token counts), from the train split's token store: building it
+  here (process 0; the others wait for its manifest) serves every stage after."""
   from data_pipelines import core
   from data_pipelines import weights as weights_lib
-  packed = data_lib.PackedDomains.build(domain_set, "train", sequence_length, cache_dir=cache_dir)
+  from data_pipelines import build_store
+  packed = build_store.open_store(domain_set, "train", sequence_length, cache_dir=cache_dir,
+                                  process_index=jax.process_index())
   token_counts = {d: packed.num_tokens[d] for d in packed.names}
   if natural_weights == "counted":
     natural = weights_lib.natural_weights(
@@ -195,6 +197,7 @@ def _natural(domain_set: str, sequence_length: int, cache_dir, natural_weights: 
         epochs=core.get_domain_set(domain_set).metadata.get("epochs"))
   else:  # token proportions of the set, or published ones (the Pile's baseline)
     natural = core.mixture_rates(f"{domain_set}_natural", natural_counts=token_counts)
+  packed.close()
   return natural, token_counts
 
 

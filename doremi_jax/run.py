@@ -74,6 +74,11 @@ class Run:
   batches: Optional[data_lib.BatchIterator] = None
   evaluator: Optional[evaluation.Evaluator] = None  # when cfg.eval_every
 
+  def close(self) -> None:
+    """Closes the input's open files (store readers)."""
+    for rows in (getattr(self.batches, "packed", None), getattr(self.evaluator, "packed", None)):
+      getattr(rows, "close", lambda: None)()
+
 
 _REQUIRED = (("model_dir", "MODEL_DIR"), ("mixture_or_task_name", "MIXTURE_OR_TASK_NAME"),
              ("seq_len", "TASK_FEATURE_LENGTHS"), ("train_steps", "TRAIN_STEPS"), ("batch_size",
@@ -181,15 +186,24 @@ def _check_packing(cfg: RunConfig) -> None:
                      f"no DoReMi, or pack within domains (the default).")
 
 
+def open_domains(cfg: RunConfig, split: str, *, process_index: int):
+  """The split's packed rows: the token store (built once, read by random access), or the
+  in-memory cache of rows packed across domains (pack_across_domains)."""
+  if cfg.pack_across_domains:
+    return data_lib.PackedDomains.build(cfg.mixture_or_task_name, split, cfg.seq_len,
+                                        cache_dir=cfg.cache_dir, pack_across_domains=True)
+  from data_pipelines import build_store  # pylint: disable=g-import-not-at-top
+  return build_store.open_store(cfg.mixture_or_task_name, split, cfg.seq_len,
+                                cache_dir=cfg.cache_dir, process_index=process_index)
+
+
 def build_input(cfg: RunConfig, *, process_index: int, process_count: int):
-  """The training batches (read from the packed cache, built on first use)."""
-  packed = data_lib.PackedDomains.build(cfg.mixture_or_task_name, "train", cfg.seq_len,
-                                        cache_dir=cfg.cache_dir,
-                                        pack_across_domains=cfg.pack_across_domains)
+  """The training batches of this host."""
   sampling = cfg.doremi.sampling if cfg.doremi is not None else cfg.sampling
-  return data_lib.BatchIterator(packed, global_batch_size=cfg.batch_size, seed=cfg.random_seed,
-                                sampling=sampling, process_index=process_index,
-                                process_count=process_count)
+  return data_lib.BatchIterator(
+      open_domains(cfg, "train", process_index=process_index), global_batch_size=cfg.batch_size,
+      seed=cfg.random_seed, sampling=sampling, process_index=process_index,
+      process_count=process_count)
 
 
 def build_run(cfg: RunConfig, *, devices=None, num_processes: Optional[int] = None,
@@ -232,8 +246,10 @@ def build_run(cfg: RunConfig, *, devices=None, num_processes: Optional[int] = No
     # Input and evaluation data: built (or read from cache) before MODEL_DIR is written.
     run.batches = build_input(cfg, process_index=jax.process_index(), process_count=num_processes)
     if cfg.eval_every:
-      run.evaluator = evaluation.Evaluator(trainer, cfg.mixture_or_task_name, cfg.seq_len,
-                                           batch_size=cfg.eval_batch_size or cfg.batch_size,
-                                           cache_dir=cfg.cache_dir,
+      validation = open_domains(
+          dataclasses.replace(cfg, pack_across_domains=False), "validation",
+          process_index=jax.process_index())
+      run.evaluator = evaluation.Evaluator(trainer, validation, batch_size=cfg.eval_batch_size or
+                                           cfg.batch_size,
                                            max_sequences_per_domain=cfg.eval_max_sequences)
   return run

@@ -151,6 +151,7 @@ def run_training(run: run_lib.Run) -> dict:
   cfg = run.cfg
   ref_params = _restore_reference(run)
   with contextlib.ExitStack() as stack:
+    stack.callback(run.close)
     ckpt = ckpt_lib.Checkpointer(cfg.model_dir, save_every=cfg.checkpoint_every,
                                  keep=cfg.keep_checkpoints)
     stack.callback(ckpt.close)

@@ -104,7 +104,8 @@ def test_installed_package_from_another_directory(installed, tmp_path):
 
 
 @pytest.mark.parametrize("script", [
-    "doremi-train", "doremi-evaluate", "doremi-pipeline", "doremi-compile-check", "doremi-train-spm"
+    "doremi-train", "doremi-evaluate", "doremi-pipeline", "doremi-compile-check",
+    "doremi-build-store", "doremi-train-spm"
 ])
 def test_console_scripts(installed, tmp_path, script):
   site, env = installed

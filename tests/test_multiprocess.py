@@ -64,6 +64,28 @@ def test_doremi_two_processes_equal_one_process(reference_dir, tmp_path):
   assert len(helpers.read_metrics(two)) == STEPS
 
 
+def test_doremi_resume_onto_another_process_count(reference_dir, tmp_path):
+  """Stopped (with its checkpoint) as 2 processes x 4 devices after 2 of 4 steps, resumed
+  as 1 process x 8 devices: the same steps as one uninterrupted process. The global batch
+  is mixed globally and sliced per host, and the input position is a few integers, so the
+  number of hosts may change on resume."""
+  one, moved = str(tmp_path / "one"), str(tmp_path / "moved")
+  helpers.run([sys.executable, *_train_args(one, doremi_ref=reference_dir)])
+  helpers.run([
+      sys.executable, LAUNCHER, "--num_processes=2", "--devices_per_process=4", "--",
+      *_train_args(moved, doremi_ref=reference_dir, extra=["--gin.train.stop_after_steps=2"])
+  ])
+  assert [m["step"] for m in helpers.read_metrics(moved)] == [1, 2]
+  helpers.run([sys.executable, *_train_args(moved, doremi_ref=reference_dir)])
+  m1, m2 = helpers.read_metrics(one), helpers.read_metrics(moved)
+  assert [m["step"] for m in m2] == list(range(1, STEPS + 1))
+  for a, b in zip(m1, m2):
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        list(a["domain_weights"].values()), list(b["domain_weights"].values()), rtol=1e-5,
+        atol=1e-7)
+
+
 def _start_two(model_dir, tmp_path, extra=()):
   """Two processes of a long run, started directly (no launcher)."""
   coordinator = f"127.0.0.1:{local_run.free_port()}"
