@@ -44,6 +44,8 @@ setuptools.setup(
         "gin-config>=0.5",
         "numpy",
         "zstandard",
+        # Parquet corpora (data_pipelines.corpus), streamed by row groups; Beam's range.
+        "pyarrow>=14.0.1,<26",
         # The token store: an Apache Beam build of ArrayRecord files, read by random access.
         # Beam caps protobuf below 7; with it, sentencepiece 0.2.3 breaks `import seqio`.
         "apache-beam>=2.77,<2.78",

@@ -6,6 +6,11 @@ r"""Builds the packed token store of a domain set's split with Apache Beam.
       [Beam options: --runner=DataflowRunner --project=... --region=... \
        --temp_location=gs://... --setup_file=./setup.py]
 
+  # a user corpus, registered from the study's gin file and flags (data_pipelines.corpus):
+  python -m data_pipelines.build_store --gin_file=pipelines/custom_280m.gin \
+      --gin.PIPELINE_DIR="'gs://bucket/study'" --gin.DATA_FILES="['gs://bucket/c/*.parquet']" \
+      --sequence_length=1024 --cache_dir=gs://bucket/stores [Beam options]
+
 The SeqIO tasks stay the one definition of domains, vocabulary and
 preprocessing: the build tokenizes with the domain set's vocabulary, appends
 EOS as the tasks do, and packs within each domain with
@@ -13,8 +18,8 @@ doremi_jax.data.pack_documents, so a small store's rows equal
 PackedDomains.build's bit for bit. Format and reader: doremi_jax/store.py.
 
 Reading: domains whose source is made of raw files (data_pipelines.sources:
-the Pile and SlimPajama layouts, a JSONL with a domain field, a directory of
-per-domain files) are grouped by file set; each raw file is read exactly
+the Pile and SlimPajama layouts, JSONL or Parquet files with a domain field, a
+directory of per-domain files) are grouped by file set; each raw file is read exactly
 once, in parallel over files, and every record is routed by its domain field
 (local paths, gs:// and other tf.io.gfile schemes). A document's place in
 its domain is (file order, line order), as in the sources. Domains without
@@ -80,7 +85,9 @@ def read_groups(dset: core.DomainSet, split: str) -> tuple[list[dict], list[str]
     g = groups[by_key[key]]
     g["domains"].append(d)
     if g["route"] is not None:
-      g["route"].setdefault(spec["domain_value"], []).append(d)
+      value = spec["domain_value"]  # one value, or several mapped onto one domain
+      for v in [value] if isinstance(value, str) else value:
+        g["route"].setdefault(v, []).append(d)
   return groups, fallback
 
 
@@ -345,7 +352,11 @@ def open_store(mixture_or_task_name: str, split: str, sequence_length: int, *,
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--domain_set", required=True, help="a registered domain set, task or mixture")
+  p.add_argument("--domain_set", default=None, help="a registered domain set, task or mixture")
+  p.add_argument(
+      "--gin_file", action="append", default=[], help="a user corpus: gin files binding "
+      "register_corpus (e.g. pipelines/custom_280m.gin) and --gin.NAME=VALUE bindings, as "
+      "given to the pipeline; the domain set is the corpus's")
   p.add_argument("--split", default="train,validation", help="comma-separated splits")
   p.add_argument("--sequence_length", type=int, required=True)
   p.add_argument("--store_dir", default=None,
@@ -364,9 +375,16 @@ def main(argv=None):
                  help="calls <module>.register(data_dir) (Pile, SlimPajama)")
   p.add_argument("--spm", default=None, help="SentencePiece model for "
                  "register(data_dir, vocabulary=...)")
-  args, beam_args = p.parse_known_args(argv)
+  args, rest = p.parse_known_args(argv)
+  beam_args = [a for a in rest if not a.startswith("--gin.")]
   logging.basicConfig(level=logging.INFO)
-  modules = (args.module or f"data_pipelines.{args.domain_set}").split(",")
+  if args.gin_file:
+    from data_pipelines import corpus  # pylint: disable=g-import-not-at-top
+    args.domain_set = corpus.register_from_gin(
+        args.gin_file, [a[len("--gin."):] for a in rest if a not in beam_args])
+  elif not args.domain_set:
+    p.error("give --domain_set, or --gin_file for a corpus registered from gin")
+  modules = [] if args.gin_file else (args.module or f"data_pipelines.{args.domain_set}").split(",")
   for name in modules:
     mod = importlib.import_module(name)
     if args.data_dir and hasattr(mod, "register"):

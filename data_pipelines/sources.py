@@ -1,4 +1,4 @@
-"""SeqIO data sources for text domains: JSONL(.zst), text files, TFDS.
+"""SeqIO data sources for text domains: JSONL(.zst|.gz), Parquet, text files, TFDS.
 
 Every source yields {"text": tf.string} examples. Splits:
   * sources built from a split layout (The Pile, SlimPajama) use its files;
@@ -9,20 +9,29 @@ Every source yields {"text": tf.string} examples. Splits:
 Malformed JSONL policy: by default a line that is not a JSON object, or lacks
 the text field, raises ValueError naming the file and line number. With
 on_malformed="skip" such lines are skipped and the count is logged per file.
+A Parquet row whose text is not a string (null) follows the same policy; a
+Parquet file without the text or domain column fails naming the columns found.
+Parquet files are streamed in batches of row groups (doremi_jax.store_raw).
 """
 import hashlib
 import io
 import json
 import logging
 import os
-from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import seqio
 import tensorflow as tf
 
+from doremi_jax import store_raw
+
 JSONL_SUFFIXES = (".jsonl", ".jsonl.zst", ".json.zst", ".jsonl.gz", ".json")
+PARQUET_SUFFIXES = store_raw.PARQUET_SUFFIXES
+DATA_SUFFIXES = JSONL_SUFFIXES + PARQUET_SUFFIXES + (".txt",)
 TEXT_SUFFIXES = (".txt",)
 DEFAULT_SPLITS = ("train", "validation")
+# A domain's value(s) of the domain field: one value, or several mapped onto one domain.
+DomainValue = Union[None, str, Sequence[str]]
 
 
 def in_validation(text: str, val_fraction: float) -> bool:
@@ -51,7 +60,7 @@ class _GFileRaw(io.RawIOBase):
     super().close()
 
 
-def _open_text(path: str) -> io.TextIOBase:
+def open_text(path: str) -> io.TextIOBase:
   if not tf.io.gfile.exists(path):
     raise FileNotFoundError(f"Data file not found: {path}")
   raw = open(path, "rb") if "://" not in path else _GFileRaw(path)
@@ -80,7 +89,7 @@ def iter_jsonl(path: str, *, text_field: str = "text",
     raise ValueError(f"on_malformed must be 'error' or 'skip', got "
                      f"{on_malformed!r}")
   skipped = 0
-  with _open_text(path) as f:
+  with open_text(path) as f:
     for lineno, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -89,7 +98,8 @@ def iter_jsonl(path: str, *, text_field: str = "text",
         if not isinstance(obj, dict):
           raise ValueError("not a JSON object")
         if not isinstance(get_field(obj, text_field), str):
-          raise ValueError(f"no string field {text_field!r}")
+          raise ValueError(f"no string field {text_field!r}; keys found: "
+                           f"{store_raw.field_paths(obj)}")
       except ValueError as e:
         if on_malformed == "skip":
           skipped += 1
@@ -103,7 +113,7 @@ def iter_jsonl(path: str, *, text_field: str = "text",
 
 def iter_text_file(path: str, *, whole_file: bool) -> Iterator[str]:
   """Documents of a .txt file: the whole file, or blank-line paragraphs."""
-  with _open_text(path) as f:
+  with open_text(path) as f:
     text = f.read()
   if whole_file:
     if text.strip():
@@ -114,7 +124,7 @@ def iter_text_file(path: str, *, whole_file: bool) -> Iterator[str]:
       yield para.strip("\n")
 
 
-def _fingerprint(paths: Sequence[str], *extra) -> str:
+def fingerprint(paths: Sequence[str], *extra) -> str:
   h = hashlib.sha256(repr(extra).encode())
   for p in sorted(paths):
     st = tf.io.gfile.stat(p)
@@ -166,17 +176,18 @@ def _check_split(split: str, splits: Sequence[str]):
 
 
 def files_source(paths: Sequence[str], *, text_field: str = "text",
-                 domain_field: Optional[str] = None, domain_value: Optional[str] = None,
+                 domain_field: Optional[str] = None, domain_value: DomainValue = None,
                  val_fraction: float = 0.05,
                  on_malformed: str = "error") -> seqio.FunctionDataSource:
-  """Documents of JSONL/text files, hash-split into train/validation.
+  """Documents of JSONL/Parquet/text files, hash-split into train/validation.
 
   Args:
-    paths: .jsonl[.zst|.gz] or .txt files (a .txt file is one document).
-    text_field: dotted JSON field holding the text.
-    domain_field: dotted JSON field naming the domain; with domain_value,
-      only matching lines are this domain's documents.
-    domain_value: the domain's value of domain_field.
+    paths: .jsonl[.zst|.gz], .parquet or .txt files (a .txt file is one document).
+    text_field: dotted JSON field (or Parquet column) holding the text.
+    domain_field: dotted JSON field (or Parquet column) naming the domain; with
+      domain_value, only matching records are this domain's documents.
+    domain_value: the domain's value of domain_field, or a list of values (several
+      values mapped onto one domain).
     val_fraction: fraction of documents (by hash) in "validation".
     on_malformed: "error" (default) or "skip"; see the module docstring.
   """
@@ -199,14 +210,14 @@ def files_source(paths: Sequence[str], *, text_field: str = "text",
                      val_fraction=val_fraction)
 
   return generator_source(texts, DEFAULT_SPLITS,
-                          _fingerprint(paths, text_field, domain_field, domain_value, val_fraction),
+                          fingerprint(paths, text_field, domain_field, domain_value, val_fraction),
                           raw_spec)
 
 
 def split_files_source(split_paths: Mapping[str, Sequence[str]], *, text_field: str = "text",
-                       domain_field: Optional[str] = None, domain_value: Optional[str] = None,
+                       domain_field: Optional[str] = None, domain_value: DomainValue = None,
                        on_malformed: str = "error") -> seqio.FunctionDataSource:
-  """Documents of JSONL files whose split comes from the file layout."""
+  """Documents of JSONL/Parquet files whose split comes from the file layout."""
   split_paths = {k: sorted(v) for k, v in split_paths.items()}
 
   def texts(split):
@@ -220,20 +231,60 @@ def split_files_source(split_paths: Mapping[str, Sequence[str]], *, text_field: 
 
   all_paths = [p for v in split_paths.values() for p in v]
   return generator_source(texts, list(split_paths),
-                          _fingerprint(all_paths, text_field, domain_field, domain_value), raw_spec)
+                          fingerprint(all_paths, text_field, domain_field, domain_value), raw_spec)
+
+
+def iter_records(path: str, *, text_field: str = "text", domain_field: Optional[str] = None,
+                 on_malformed: str = "error") -> Iterator[tuple[str, Optional[str]]]:
+  """(text, domain key) of every valid record of a .jsonl*/.parquet/.txt file; the domain key
+  is store_raw.domain_key of the domain field (None when missing, or without domain_field)."""
+  if path.endswith(TEXT_SUFFIXES):
+    for text in iter_text_file(path, whole_file=True):
+      yield text, None
+  elif path.endswith(PARQUET_SUFFIXES):
+    yield from _parquet_records(path, text_field, domain_field, on_malformed)
+  else:
+    for obj in iter_jsonl(path, text_field=text_field, on_malformed=on_malformed):
+      value = get_field(obj, domain_field) if domain_field else None
+      yield get_field(obj, text_field), store_raw.domain_key(value)
+
+
+def _parquet_records(path, text_field, domain_field, on_malformed):
+  skipped = 0
+  try:
+    for row, text, value in store_raw.iter_parquet(path, text_field, domain_field):
+      if not isinstance(text, str):
+        if on_malformed == "skip":
+          skipped += 1
+          continue
+        raise ValueError(f"{path}: row {row}: text column {text_field!r} holds "
+                         f"{type(text).__name__}, not a string. Fix the row, or pass "
+                         "on_malformed='skip' to skip such rows.")
+      yield text, store_raw.domain_key(value)
+  except store_raw.StoreBuildError as e:
+    raise ValueError(str(e)) from None
+  if skipped:
+    logging.warning("%s: skipped %d Parquet rows without text.", path, skipped)
+
+
+def _values(domain_value: DomainValue) -> Optional[frozenset]:
+  if domain_value is None:
+    return None
+  if isinstance(domain_value, str):
+    return frozenset([domain_value])
+  return frozenset(domain_value)
 
 
 def _iter_docs(paths, text_field, domain_field, domain_value, on_malformed):
+  values = _values(domain_value)
   for path in paths:
-    if path.endswith(TEXT_SUFFIXES):
-      yield from iter_text_file(path, whole_file=True)
-      continue
-    for obj in iter_jsonl(path, text_field=text_field, on_malformed=on_malformed):
-      if domain_field is None or get_field(obj, domain_field) == domain_value:
-        yield get_field(obj, text_field)
+    for text, key in iter_records(path, text_field=text_field, domain_field=domain_field,
+                                  on_malformed=on_malformed):
+      if domain_field is None or key in values:
+        yield text
 
 
-def _files_with_suffix(d: str, suffixes) -> list[str]:
+def files_with_suffix(d: str, suffixes) -> list[str]:
   """Files under d (recursively; local or gs://) whose names end with a suffix."""
   return sorted(
       os.path.join(root, name)
@@ -245,10 +296,10 @@ def _files_with_suffix(d: str, suffixes) -> list[str]:
 def directory_domains(data_dir: str, **kwargs) -> dict[str, seqio.FunctionDataSource]:
   """{domain: source} for a directory of per-domain files.
 
-  Layouts (both may be mixed): `data_dir/<domain>.jsonl[.zst]` or
-  `data_dir/<domain>.txt` (a top-level .txt holds documents separated by
-  blank lines); or `data_dir/<domain>/**` with .jsonl[.zst] files and/or
-  .txt files (one document per .txt file there).
+  Layouts (both may be mixed): `data_dir/<domain>.jsonl[.zst|.gz]`,
+  `data_dir/<domain>.parquet` or `data_dir/<domain>.txt` (a top-level .txt
+  holds documents separated by blank lines); or `data_dir/<domain>/**` with
+  .jsonl[.zst|.gz], .parquet and/or .txt files (one document per .txt file there).
   """
   if not tf.io.gfile.isdir(data_dir):
     raise FileNotFoundError(f"Domain directory not found: {data_dir}. Pass a directory holding "
@@ -257,15 +308,15 @@ def directory_domains(data_dir: str, **kwargs) -> dict[str, seqio.FunctionDataSo
   for entry in sorted(e.rstrip("/") for e in tf.io.gfile.listdir(data_dir)):
     path = os.path.join(data_dir, entry)
     if tf.io.gfile.isdir(path):
-      files = _files_with_suffix(path, JSONL_SUFFIXES + TEXT_SUFFIXES)
+      files = files_with_suffix(path, DATA_SUFFIXES)
       if not files:
-        raise ValueError(f"Domain {entry!r}: no .jsonl/.jsonl.zst/.txt files "
+        raise ValueError(f"Domain {entry!r}: no .jsonl/.jsonl.zst/.parquet/.txt files "
                          f"under {path}; add files or remove the directory.")
       out[entry] = files_source(files, **kwargs)
     elif entry.endswith(TEXT_SUFFIXES):
-      out[entry[:-4]] = _paragraph_source(path, kwargs.get("val_fraction", 0.05))
+      out[entry[:-4]] = paragraph_source(path, kwargs.get("val_fraction", 0.05))
     else:
-      for suf in JSONL_SUFFIXES:
+      for suf in JSONL_SUFFIXES + PARQUET_SUFFIXES:
         if entry.endswith(suf):
           out[entry[:-len(suf)]] = files_source([path], **kwargs)
           break
@@ -275,7 +326,8 @@ def directory_domains(data_dir: str, **kwargs) -> dict[str, seqio.FunctionDataSo
   return out
 
 
-def _paragraph_source(path: str, val_fraction: float):
+def paragraph_source(path: str, val_fraction: float):
+  """A .txt file whose blank-line paragraphs are the documents, hash-split."""
 
   def texts(split):
     _check_split(split, DEFAULT_SPLITS)
@@ -287,13 +339,13 @@ def _paragraph_source(path: str, val_fraction: float):
     _check_split(split, DEFAULT_SPLITS)
     return _raw_spec([path], kind="paragraphs", val_fraction=val_fraction)
 
-  return generator_source(texts, DEFAULT_SPLITS, _fingerprint([path], val_fraction), raw_spec)
+  return generator_source(texts, DEFAULT_SPLITS, fingerprint([path], val_fraction), raw_spec)
 
 
 def jsonl_field_domains(paths: Sequence[str], domain_field: str, *,
                         domains: Optional[Sequence[str]] = None,
                         **kwargs) -> dict[str, seqio.FunctionDataSource]:
-  """{domain: source} for JSONL files whose lines carry a domain field.
+  """{domain: source} for JSONL or Parquet files whose records carry a domain field.
 
   Without `domains`, the files are scanned once for the field's values.
   """
@@ -302,11 +354,11 @@ def jsonl_field_domains(paths: Sequence[str], domain_field: str, *,
   if domains is None:
     found = set()
     for p in paths:
-      for obj in iter_jsonl(p, text_field=kwargs.get("text_field", "text"),
-                            on_malformed=kwargs.get("on_malformed", "error")):
-        v = get_field(obj, domain_field)
-        if v is not None:
-          found.add(str(v))
+      for _, key in iter_records(p, text_field=kwargs.get("text_field",
+                                                          "text"), domain_field=domain_field,
+                                 on_malformed=kwargs.get("on_malformed", "error")):
+        if key is not None:
+          found.add(key)
     if not found:
       raise ValueError(f"No line of {list(paths)} has the domain field "
                        f"{domain_field!r}; set domain_field to the right key.")

@@ -12,7 +12,7 @@ import importlib
 import io
 import logging
 import os
-from typing import Optional
+from typing import Iterable, Optional
 
 import tensorflow as tf
 
@@ -30,23 +30,36 @@ def iter_mixture_text(mixture: str, split: str = "train",
 
 
 def train(mixture: str, vocab_size: int, output: str, *, split: str = "train",
-          max_documents_per_domain: Optional[int] = None, model_type: str = "unigram",
-          character_coverage: float = 0.9995, max_sentence_length: int = 16384) -> str:
-  """Trains and writes `<output>.model` (local or gs://); returns its path."""
+          max_documents_per_domain: Optional[int] = None, **kwargs) -> str:
+  """Trains and writes `<output>.model` (local or gs://) from a mixture's text; returns its
+  path. kwargs: train_from_texts's trainer settings."""
+  return train_from_texts(
+      iter_mixture_text(mixture, split, max_documents_per_domain), vocab_size, output, **kwargs)
+
+
+def train_from_texts(texts: Iterable[str], vocab_size: int, output: str, *,
+                     model_type: str = "unigram", character_coverage: float = 0.9995,
+                     max_sentence_length: int = 16384) -> str:
+  """Trains a SentencePiece model on documents' non-empty lines (pad=0, eos=1, unk=2, no bos,
+  as SeqIO expects) and writes `<output>.model` (local or gs://, atomically); returns its
+  path. The vocabulary may come out smaller than vocab_size on a small text
+  (hard_vocab_limit=False)."""
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(
-      sentence_iterator=(line for doc in iter_mixture_text(mixture, split, max_documents_per_domain)
-                         for line in doc.splitlines() if line.strip()), model_writer=model,
-      vocab_size=vocab_size, model_type=model_type, character_coverage=character_coverage, pad_id=0,
-      eos_id=1, unk_id=2, bos_id=-1, max_sentence_length=max_sentence_length,
-      hard_vocab_limit=False, num_threads=os.cpu_count() or 1)
+      sentence_iterator=(line for doc in texts for line in doc.splitlines() if line.strip()),
+      model_writer=model, vocab_size=vocab_size, model_type=model_type,
+      character_coverage=character_coverage, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+      max_sentence_length=max_sentence_length, hard_vocab_limit=False, num_threads=os.cpu_count() or
+      1, minloglevel=2)
   path = output if output.endswith(".model") else output + ".model"
   d = os.path.dirname(path)
   if d:
     tf.io.gfile.makedirs(d)
-  with tf.io.gfile.GFile(path, "wb") as f:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with tf.io.gfile.GFile(tmp, "wb") as f:
     f.write(model.getvalue())
+  tf.io.gfile.rename(tmp, path, overwrite=True)
   return path
 
 

@@ -103,11 +103,18 @@ def run_main(fn, argv=None, extra=None):
   parse_gin(args.gin_file, bindings, args.gin_search_paths)
   try:
     return fn(args) if extra else fn()
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
+  except (ValueError, FileNotFoundError, FloatingPointError, outputs.OutputError) as e:
     logging.error("%s", e)
     raise SystemExit(f"error: {e}") from None
-  except RuntimeError as e:  # gin: a configurable called without its required bindings
-    if "Required bindings" not in str(e):
+  except Exception as e:  # pylint: disable=broad-except
+    if outputs.is_io_error(e):  # a write or read that failed outside outputs' helpers
+      logging.debug("I/O error", exc_info=True)
+      message = (f"{outputs.first_line(e)}. Check space and access there, then rerun the same "
+                 f"command: the run resumes from its last complete checkpoint.")
+      logging.error("%s", message)
+      raise SystemExit(f"error: {message}") from None
+    # gin: a configurable called without its required bindings
+    if not isinstance(e, RuntimeError) or "Required bindings" not in str(e):
       raise
     raise SystemExit(f"error: {_first_line(e)} (check the --gin_file list: e.g. "
                      f"runs/reference.gin for doremi-train, runs/eval.gin for "

@@ -13,6 +13,7 @@ from typing import Mapping, Optional
 import jax
 import numpy as np
 
+from doremi_jax import diagnostics as diagnostics_lib
 from doremi_jax import outputs
 
 
@@ -59,24 +60,33 @@ class MetricsWriter:
 class Trajectory:
   """Every step's domain weights and running average (domain_weights_trajectory.jsonl).
 
-  On resume, lines after the restored step are dropped (those steps run again).
+  On resume, lines after the restored step are dropped (those steps run again). The weights
+  so far stay in memory (K floats a step) for the convergence diagnostics.
   """
 
   def __init__(self, model_dir: str, start_step: int):
     self.path = os.path.join(model_dir, outputs.TRAJECTORY)
     self._buffer = []
     outputs.truncate_jsonl(self.path, start_step)
+    self._alphas = [
+        r["domain_weights"] for r in outputs.read_jsonl(self.path) if r["step"] <= start_step
+    ]
 
   def append(self, step: int, alpha_K, avg_alpha_K) -> None:
+    alpha = np.asarray(alpha_K).tolist()
+    self._alphas.append(alpha)
     self._buffer.append({
         "step": int(step),
-        "domain_weights": np.asarray(alpha_K).tolist(),
+        "domain_weights": alpha,
         "avg_domain_weights": np.asarray(avg_alpha_K).tolist()
     })
 
   def flush(self) -> None:
     outputs.append_jsonl(self.path, self._buffer)
     self._buffer = []
+
+  def diagnostics(self) -> dict:
+    return diagnostics_lib.weight_diagnostics(self._alphas)
 
 
 def read_trajectory(model_dir: str) -> list[dict]:
@@ -89,20 +99,38 @@ def write_domain_weights(model_dir: str, state, info: dict, doremi_cfg, *, refer
   dstate = jax.device_get(state.doremi)
   domains = info["domains"]
   out = {
-      "domains": dict(zip(domains, map(float, dstate.avg_alpha_K))),
-      "final_domain_weights": dict(zip(domains, map(float, dstate.alpha_K))),
-      "mixture": info["mixture"],
-      "reference": reference_dir,
-      "reference_step": info.get("reference_step"),
-      "proxy_params": info["num_params"],
-      "proxy_model": info["model"],
-      "steps": steps,
-      "eta": doremi_cfg.eta,
-      "c": doremi_cfg.smoothing,
-      "objective": doremi_cfg.objective,
-      "sampling": doremi_cfg.sampling,
-      "vocabulary": info["vocabulary"],
-      "sequence_length": info["sequence_length"],
+      "domains":
+          dict(zip(domains, map(float, dstate.avg_alpha_K))),
+      "final_domain_weights":
+          dict(zip(domains, map(float, dstate.alpha_K))),
+      "mixture":
+          info["mixture"],
+      "reference":
+          reference_dir,
+      "reference_step":
+          info.get("reference_step"),
+      "proxy_params":
+          info["num_params"],
+      "proxy_model":
+          info["model"],
+      "steps":
+          steps,
+      "eta":
+          doremi_cfg.eta,
+      "c":
+          doremi_cfg.smoothing,
+      "objective":
+          doremi_cfg.objective,
+      "sampling":
+          doremi_cfg.sampling,
+      "vocabulary":
+          info["vocabulary"],
+      "sequence_length":
+          info["sequence_length"],
+      "diagnostics":
+          diagnostics_lib.run_diagnostics(
+              read_trajectory(model_dir),
+              outputs.read_jsonl(os.path.join(model_dir, outputs.METRICS)), domains),
   }
   outputs.write_json(os.path.join(model_dir, outputs.DOMAIN_WEIGHTS), out)
   return out

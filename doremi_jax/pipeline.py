@@ -22,6 +22,8 @@ if __name__ == "__main__":
   raise SystemExit(0)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+import dataclasses
+import functools
 import logging
 import os
 import tempfile
@@ -31,6 +33,7 @@ from typing import Optional, Sequence
 import gin
 import jax
 
+from doremi_jax import aggregate
 from doremi_jax import config as config_lib
 from doremi_jax import data as data_lib
 from doremi_jax import metrics as metrics_lib
@@ -105,56 +108,91 @@ def pipeline(pipeline_dir: str = gin.REQUIRED, *, domain_set: str = gin.REQUIRED
              baselines: Sequence[str] = BASELINES, unimax_max_epochs: float = 1.0,
              name: Optional[str] = None, main_steps: int = gin.REQUIRED,
              main_batch_size: int = gin.REQUIRED, sequence_length: int = gin.REQUIRED,
-             cache_dir: Optional[str] = None, natural_weights: str = "registered") -> dict:
+             cache_dir: Optional[str] = None, natural_weights: str = "registered",
+             seeds: Optional[Sequence[int]] = None, etas: Optional[Sequence[float]] = None) -> dict:
   """Runs the study; returns the report's summary.
 
   reference_weights: "natural" or "uniform" (round 1's reference mixture), or a weights file.
   max_rounds: iterated DoReMi; round r+1's reference trains on round r's output, stopping
     early when max_i |avg_i - ref_i| < convergence_tol.
   main_steps / main_batch_size / sequence_length: the main runs' shared (equal) compute.
-  cache_dir: the packed-data cache (default: train's default), shared by every stage.
+  cache_dir: the token stores' root (default: train's default), shared by every stage.
   natural_weights: what "natural" means (reference and baseline). "registered": the set's
     `{set}_natural` mixture (this tokenizer's token proportions, or published weights such
     as the Pile's baseline, which come from the paper's tokenizer). "counted": this
     tokenizer's counts of packed L-token rows times the set's epochs (DomainSet metadata
     "epochs", e.g. the Pile's), normalized: how Appendix C computes the baseline.
+  seeds: run every stage (reference, proxy, each main run) once per seed, in
+    PIPELINE_DIR/seed<s>/; the report gives mean and standard deviation of DoReMi minus each
+    baseline. None: one run with RANDOM_SEED, in PIPELINE_DIR itself.
+  etas: DoReMi step sizes, each with its own proxy and main run against the same reference
+    and baselines (one DoReMi round only). None: the proxy scope's DoReMiConfig.eta.
   """
-  from data_pipelines import weights as weights_lib
-  _validate(baselines, max_rounds, natural_weights)
-  domains = data_lib.domain_names(domain_set)
+  _validate(baselines, max_rounds, natural_weights, etas)
   natural, token_counts = _natural(domain_set, sequence_length, cache_dir, natural_weights)
   ref_w = _reference_weights(reference_weights, natural, domain_set)
-  stage_args = {"task_feature_lengths": {"targets": sequence_length}, "cache_dir": cache_dir}
-  rounds, converged = _doremi_rounds(pipeline_dir, domain_set, ref_w, stage_args,
-                                     max_rounds=max_rounds, convergence_tol=convergence_tol)
-  out_w = rounds[-1]["output_weights"]
-  if jax.process_index() == 0:
-    weights_lib.write_weights(
-        os.path.join(pipeline_dir, outputs.DOMAIN_WEIGHTS), out_w, mixture=domain_set,
-        rounds=len(rounds), converged=converged)
-  main_tokens = main_steps * main_batch_size * sequence_length
-  mains = {"doremi": out_w}
-  for b in baselines:
-    mains[b] = _baseline_weights(b, natural, token_counts, main_tokens=main_tokens,
-                                 unimax_max_epochs=unimax_max_epochs)
-  results = _main_runs(pipeline_dir, domain_set, mains, stage_args, train_steps=main_steps,
-                       batch_size=main_batch_size)
-  study = {
-      "name": name or os.path.basename(os.path.normpath(pipeline_dir)),
+  etas = list(etas) if etas else [_scoped_doremi().eta]
+  grid = {"seeds": list(seeds) if seeds else [None], "etas": etas}
+  studies = {}
+  for seed in grid["seeds"]:
+    seed_dir = (
+        pipeline_dir if len(grid["seeds"]) == 1 else os.path.join(pipeline_dir, f"seed{seed}"))
+    stage_args = {"task_feature_lengths": {"targets": sequence_length}, "cache_dir": cache_dir}
+    if seed is not None:
+      stage_args["random_seed"] = int(seed)
+    bases = {
+        b:
+            _baseline_weights(b, natural, token_counts,
+                              main_tokens=main_steps * main_batch_size * sequence_length,
+                              unimax_max_epochs=unimax_max_epochs) for b in baselines
+    }
+    run_main = functools.partial(_main_runs, seed_dir, domain_set, stage_args=stage_args,
+                                 train_steps=main_steps, batch_size=main_batch_size)
+    base_results = None
+    for eta in etas:
+      tag = "" if len(etas) == 1 else f"_eta{eta:g}"
+      rounds, converged = _doremi_rounds(seed_dir, domain_set, ref_w, stage_args, eta=eta, tag=tag,
+                                         max_rounds=max_rounds, convergence_tol=convergence_tol)
+      out_w = rounds[-1]["output_weights"]
+      _write_weights(
+          os.path.join(seed_dir, f"domain_weights{tag}.json"), out_w, domain_set, rounds, converged)
+      results = {"doremi": run_main({f"doremi{tag}": out_w})[f"doremi{tag}"]}
+      base_results = base_results or run_main(bases)  # shared by the etas
+      studies[(seed, eta)] = _study(
+          name or os.path.basename(os.path.normpath(pipeline_dir)), domain_set, rounds, converged, {
+              **results,
+              **base_results
+          }, _study_config(seed_dir, reference_weights, max_rounds, tag=tag),
+          (main_steps, main_batch_size, sequence_length), seed=seed, eta=eta)
+  return _finish(studies, pipeline_dir)
+
+
+def _study(name, domain_set, rounds, converged, results, config, compute, *, seed, eta) -> dict:
+  steps, batch, length = compute
+  return {
+      "name": name,
       "mixture": domain_set,
-      "domains": domains,
+      "domains": data_lib.domain_names(domain_set),
       "rounds": rounds,
       "converged": converged,
       "mains": results,
-      "config": _study_config(pipeline_dir, reference_weights, max_rounds),
+      "config": config,
+      "seed": seed,
+      "eta": eta,
       "equal_compute": {
-          "train_steps": main_steps,
-          "batch_size": main_batch_size,
-          "seq_len": sequence_length,
-          "tokens": main_tokens
+          "train_steps": steps,
+          "batch_size": batch,
+          "seq_len": length,
+          "tokens": steps * batch * length
       }
   }
-  return _finish(study, pipeline_dir)
+
+
+def _write_weights(path: str, weights: dict, domain_set: str, rounds, converged: bool) -> None:
+  from data_pipelines import weights as weights_lib
+  if jax.process_index() == 0:
+    weights_lib.write_weights(path, weights, mixture=domain_set, rounds=len(rounds),
+                              converged=converged)
 
 
 def _reference_weights(reference_weights: str, natural: dict, domain_set: str) -> dict:
@@ -171,7 +209,12 @@ def _reference_weights(reference_weights: str, natural: dict, domain_set: str) -
           weights_lib.read_weights(reference_weights), f"{domain_set}_reference_file", domain_set))
 
 
-def _validate(baselines, max_rounds: int, natural_weights: str) -> None:
+def _validate(baselines, max_rounds: int, natural_weights: str, etas) -> None:
+  if etas is not None and (not etas or any(not float(e) > 0 for e in etas)):
+    raise ValueError(f"pipeline.etas={etas!r}: give positive step sizes, e.g. [1.0, 0.1].")
+  if etas is not None and len(etas) > 1 and max_rounds > 1:
+    raise ValueError("pipeline.etas with several values runs one DoReMi round per eta: set "
+                     "pipeline.max_rounds = 1, or study one eta with iterated rounds.")
   unknown = [b for b in baselines if b not in BASELINES]
   if unknown:
     raise ValueError(f"pipeline.baselines has unknown {unknown}: use some of {BASELINES}.")
@@ -201,8 +244,8 @@ def _natural(domain_set: str, sequence_length: int, cache_dir, natural_weights: 
   return natural, token_counts
 
 
-def _doremi_rounds(pipeline_dir: str, domain_set: str, ref_w: dict, stage_args: dict, *,
-                   max_rounds: int, convergence_tol: float):
+def _doremi_rounds(pipeline_dir: str, domain_set: str, ref_w: dict, stage_args: dict, *, eta: float,
+                   tag: str, max_rounds: int, convergence_tol: float):
   """Reference -> proxy rounds; round r+1's reference trains on round r's output."""
   from data_pipelines import weights as weights_lib
   domains = data_lib.domain_names(domain_set)
@@ -211,19 +254,21 @@ def _doremi_rounds(pipeline_dir: str, domain_set: str, ref_w: dict, stage_args: 
   rounds = []
   for r in range(1, max_rounds + 1):
     ref_dir = os.path.join(pipeline_dir, f"round{r}", "reference")
-    proxy_dir = os.path.join(pipeline_dir, f"round{r}", "doremi")
+    proxy_dir = os.path.join(pipeline_dir, f"round{r}", f"doremi{tag}")
     ref_mixture = _register(ref_w, f"{domain_set}_reference_r{r}", domain_set)
     _scoped_train("reference", ref_dir, ref_mixture, **stage_args)
-    _scoped_train("proxy", proxy_dir, uniform_mixture, doremi=_scoped_doremi(),
+    _scoped_train("proxy", proxy_dir, uniform_mixture, doremi=_scoped_doremi(eta),
                   reference_dir=ref_dir, **stage_args)
-    out_w = outputs.read_json(os.path.join(proxy_dir, outputs.DOMAIN_WEIGHTS))["domains"]
+    out = outputs.read_json(os.path.join(proxy_dir, outputs.DOMAIN_WEIGHTS))
+    out_w = out["domains"]
     change = max(abs(out_w[d] - ref_w[d]) for d in domains)
     rounds.append({
         "round": r,
         "reference_weights": ref_w,
         "output_weights": out_w,
         "trajectory": _trajectory(proxy_dir),
-        "max_abs_change": change
+        "max_abs_change": change,
+        "diagnostics": out.get("diagnostics")
     })
     logging.info("DoReMi round %d: max |avg - ref| = %.4g", r, change)
     if change < convergence_tol:
@@ -232,7 +277,7 @@ def _doremi_rounds(pipeline_dir: str, domain_set: str, ref_w: dict, stage_args: 
   return rounds, False
 
 
-def _main_runs(pipeline_dir: str, domain_set: str, mains: dict, stage_args: dict, *,
+def _main_runs(pipeline_dir: str, domain_set: str, mains: dict, *, stage_args: dict,
                train_steps: int, batch_size: int) -> dict:
   """One main model per weights at equal compute: {run: {weights, evals}}."""
   results = {}
@@ -245,20 +290,35 @@ def _main_runs(pipeline_dir: str, domain_set: str, mains: dict, stage_args: dict
   return results
 
 
-def _finish(study: dict, pipeline_dir: str):
-  """study.json, the report and the console verdicts (process 0); the summary."""
+def _finish(studies: dict, pipeline_dir: str):
+  """study.json, the report(s) and the console verdicts (process 0); the summary.
+
+  One (seed, eta): report.md as always. Several: one report per (seed, eta) under
+  reports/, and report.md and summary.json with the verdicts over seeds for each eta.
+  """
   if jax.process_index() != 0:
     return None
-  outputs.write_json(os.path.join(pipeline_dir, outputs.STUDY), study)
-  summary = _write_report(study, pipeline_dir)
-  print(console_summary(summary, os.path.join(pipeline_dir, outputs.REPORT)), flush=True)
+  if len(studies) == 1:
+    study = next(iter(studies.values()))
+    outputs.write_json(os.path.join(pipeline_dir, outputs.STUDY), study)
+    summary = _write_report(study, pipeline_dir)
+    print(console_summary(summary, os.path.join(pipeline_dir, outputs.REPORT)), flush=True)
+    return summary
+  summaries = {}
+  for (seed, eta), study in studies.items():
+    key = (f"seed{seed}_" if seed is not None else "") + f"eta{eta:g}"
+    sub = os.path.join(pipeline_dir, "reports", key)
+    outputs.write_json(os.path.join(sub, outputs.STUDY), study)
+    summaries[key] = _write_report(study, sub)
+  summary = aggregate.write(studies, summaries, pipeline_dir)
+  print(aggregate.console(summary, os.path.join(pipeline_dir, outputs.REPORT)), flush=True)
   return summary
 
 
 def console_summary(summary: dict, report_path: str) -> str:
   """The verdicts in a few lines, for the terminal."""
   lines = [
-      f"DoReMi study {summary['name']}: DoReMi weights " +
+      f"DoReMi study {summary['name']} (one seed: provisional verdicts): DoReMi weights " +
       ", ".join(f"{d} {w:.3f}" for d, w in summary["doremi_weights"].items())
   ]
   for name, b in summary.get("baselines", {}).items():
@@ -272,23 +332,29 @@ def console_summary(summary: dict, report_path: str) -> str:
   return "\n".join(lines)
 
 
-def _scoped_doremi():
+def _scoped_doremi(eta: Optional[float] = None):
+  """The proxy scope's DoReMiConfig, with another eta when given."""
   with gin.config_scope("proxy"):
-    return train_lib.DoReMiConfig()
+    cfg = train_lib.DoReMiConfig()
+  return cfg if eta is None else dataclasses.replace(cfg, eta=float(eta))
 
 
-def _study_config(pipeline_dir: str, reference_weights: str, max_rounds: int) -> dict:
+def _study_config(pipeline_dir: str, reference_weights: str, max_rounds: int, *,
+                  tag: str = "") -> dict:
   cfg = {"reference_weights": reference_weights, "max_rounds": max_rounds}
   for stage in ("reference", "doremi", "main"):
-    path = os.path.join(pipeline_dir, "round1" if stage != "main" else "main",
-                        stage if stage != "main" else "doremi", outputs.RUN_INFO)
+    path = os.path.join(pipeline_dir, "round1" if stage != "main" else "main", {
+        "reference": "reference",
+        "doremi": f"doremi{tag}",
+        "main": f"doremi{tag}"
+    }[stage], outputs.RUN_INFO)
     if outputs.exists(path):
       info = outputs.read_json(path)
       m = info["model"]
       cfg[f"{stage}_model"] = (f"d{m['emb_dim']} L{m['num_layers']} H{m['num_heads']} "
                                f"ff{m['mlp_dim']} ({info['num_params']:,} params)")
       cfg["vocabulary"] = f"{info['vocabulary']['type']} ({info['vocabulary']['vocab_size']})"
-  dw = os.path.join(pipeline_dir, "round1", "doremi", outputs.DOMAIN_WEIGHTS)
+  dw = os.path.join(pipeline_dir, "round1", f"doremi{tag}", outputs.DOMAIN_WEIGHTS)
   if outputs.exists(dw):
     meta = outputs.read_json(dw)
     cfg.update(eta=meta["eta"], c=meta["c"], objective=meta["objective"], proxy_steps=meta["steps"])

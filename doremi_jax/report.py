@@ -17,6 +17,8 @@ import matplotlib
 from matplotlib.figure import Figure
 import numpy as np
 
+from doremi_jax import report_diagnostics
+
 DOREMI = "doremi"
 DEFAULT_TOLERANCE = 0.005
 _PAPER_SCALE = "a 280M proxy and an 8B main model, 200k steps each, on The Pile"
@@ -180,6 +182,8 @@ def compute_summary(study, tolerance=DEFAULT_TOLERANCE):
       "num_rounds": len(rounds),
       "converged": bool(study.get("converged", False)),
       "max_abs_change": rounds[-1].get("max_abs_change") if rounds else None,
+      "diagnostics": rounds[-1].get("diagnostics") if rounds else None,
+      "seed": study.get("seed"),
       "doremi_weights": weights,
       "final": finals,
       "baselines": baselines,
@@ -291,7 +295,11 @@ def _ppl_md(s):
 
 def _comparison_md(s):
   tol = s["tolerance"]
-  lines = ["## DoReMi against each baseline", ""]
+  lines = [
+      "## DoReMi against each baseline", "",
+      "Verdicts from one seed are **provisional**: run `pipeline.seeds` for verdicts "
+      "tested against the spread over seeds.", ""
+  ]
   if not s["has_doremi"]:
     return "\n".join(lines + ["No `doremi` main model in this study: no comparison."])
   if not s["baselines"]:
@@ -326,7 +334,8 @@ def _closing_md(s):
   scale = (f"Scale matters too: the paper used {_PAPER_SCALE}; this study ran "
            f"{_f(s['total_steps'], 0)} steps per main model, and tiny CPU demo runs are far "
            "from that scale, so their results need not transfer in either direction. Each "
-           "run has one seed.")
+           "run has one seed: the verdicts are provisional (pipeline.seeds runs several and "
+           "tests the differences).")
   indep = ("independent studies (Aioli, ICLR 2025; UtiliMax, 2025) found that DoReMi often "
            "fails to beat simple stratified (uniform) or token-count baselines outside the "
            "paper's setup")
@@ -360,7 +369,8 @@ def render_markdown(study, summary, plots):
     parts.append(f"![final per-domain log-perplexity]({plots['final_ppl']})")
   if "curves" in plots:
     parts.append(f"![log-perplexity against steps]({plots['curves']})")
-  parts += [_comparison_md(summary), _closing_md(summary)]
+  diag = report_diagnostics.section_md(study, summary, plots.get("moving_average"))
+  parts += ([diag] if diag else []) + [_comparison_md(summary), _closing_md(summary)]
   return "\n\n".join(parts) + "\n"
 
 
@@ -480,6 +490,10 @@ def write_plots(study, summary, plot_dir):
           _plot_curves(study, os.path.join(plot_dir, "log_ppl_vs_steps.png")),
       "weights":
           _plot_weights(study, summary, os.path.join(plot_dir, "final_weights.png")),
+      "moving_average":
+          report_diagnostics.plot_moving_average(study, summary["domains"],
+                                                 os.path.join(plot_dir, "weights_moving_avg.png"),
+                                                 Figure, _colors),
   }
   return {k: os.path.basename(v) for k, v in made.items() if v}
 

@@ -57,6 +57,9 @@ class RunConfig:
   cache_dir: Optional[str] = None  # tokenized input (local or gs://); default per user
   pack_across_domains: bool = False  # natural mixtures only: rows mix domains
   stop_after_steps: Optional[int] = None
+  # Resume from this checkpoint step, not the latest (newer ones are moved aside, not
+  # deleted); applied once: a restart with the same value resumes from the latest.
+  restore_step: Optional[int] = None
 
   @property
   def kind(self) -> str:
@@ -96,6 +99,10 @@ def validate(cfg: RunConfig, *, abstract: bool = False) -> None:
   for name in ("log_every", "checkpoint_every"):
     if getattr(cfg, name) <= 0:
       raise ValueError(f"train.{name}={getattr(cfg, name)}: must be a positive number of steps.")
+  if cfg.restore_step is not None and (not isinstance(cfg.restore_step, int) or
+                                       cfg.restore_step < 0):
+    raise ValueError(f"train.restore_step={cfg.restore_step!r}: give a checkpoint step "
+                     f"(an integer >= 0), or leave it unset to resume from the latest.")
   if cfg.eval_every < 0:
     raise ValueError(f"train.eval_every={cfg.eval_every}: use 0 (no evaluation) or a step "
                      f"count.")

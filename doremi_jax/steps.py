@@ -145,6 +145,7 @@ def proxy_step(state: TrainState, ref_params, batch, *, model, ref_model, tx, cf
       "num_tokens": num_tokens,
       "domain_loss_sums": ce_sums,
       "domain_token_counts": counts_K,
+      "domain_ref_loss_sums": ref_sums,
       "domain_excess": dstate.lambda_K,
       "domain_weights": dstate.alpha_K,
       "avg_domain_weights": dstate.avg_alpha_K,

@@ -61,8 +61,8 @@ def run_config(model_dir: Optional[str] = gin.REQUIRED, *, mixture_or_task_name:
                reference_dir: Optional[str] = None,
                optimizer: Optional[optim.OptimizerConfig] = None,
                model: Optional[TransformerConfig] = None, cache_dir: Optional[str] = None,
-               pack_across_domains: bool = False,
-               stop_after_steps: Optional[int] = None) -> run_lib.RunConfig:
+               pack_across_domains: bool = False, stop_after_steps: Optional[int] = None,
+               restore_step: Optional[int] = None) -> run_lib.RunConfig:
   """The gin bindings `train.*` as a RunConfig (run.RunConfig documents every setting).
 
   The model is TransformerConfig() as gin binds it, unless given. Unset %gin.REQUIRED
@@ -78,7 +78,8 @@ def run_config(model_dir: Optional[str] = gin.REQUIRED, *, mixture_or_task_name:
       sampling=sampling, accum_steps=accum_steps, z_loss=z_loss, log_every=log_every,
       checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, eval_every=eval_every,
       eval_batch_size=eval_batch_size, eval_max_sequences=eval_max_sequences, cache_dir=cache_dir,
-      pack_across_domains=pack_across_domains, stop_after_steps=stop_after_steps)
+      pack_across_domains=pack_across_domains, stop_after_steps=stop_after_steps,
+      restore_step=restore_step)
 
 
 def train(model_dir: Optional[str] = None, **overrides) -> dict:
@@ -123,15 +124,36 @@ def _restore_reference(run: run_lib.Run):
   return steps_lib.cast_params(params, run.ref_model_cfg.compute_dtype)
 
 
+# run_info.json: each start that did not resume from the latest checkpoint (a checkpoint that
+# could not be restored, or train.restore_step), kept across restarts.
+FALLBACKS = "checkpoint_fallbacks"
+
+
 def _start(run: run_lib.Run, ckpt: ckpt_lib.Checkpointer):
-  """(state, step): the latest checkpoint of MODEL_DIR (and the input position), or init."""
-  start = ckpt.latest_step()
-  if start is None:
-    return run.trainer.init_fn(jax.random.key(run.cfg.random_seed)), 0
-  state, data_state = ckpt.restore(start, run.trainer.abstract_state)
-  run.batches.set_state(data_state)
-  logging.info("resumed from %s at step %d", run.cfg.model_dir, start)
-  return state, start
+  """(state, step): the newest checkpoint of MODEL_DIR that restores (and the input
+  position), or train.restore_step's, or init. A fallback is recorded in run_info.json."""
+  cfg = run.cfg
+  history = (outputs.read_run_info(cfg.model_dir) or {}).get(FALLBACKS, [])
+  run.info[FALLBACKS] = history
+  step = cfg.restore_step
+  if step is not None and any(e.get("restore_step") == step for e in history):
+    logging.info(
+        "train.restore_step=%d was applied by an earlier start (run_info.json); "
+        "resuming from the latest checkpoint", step)
+    step = None
+  got = ckpt.restore_readable(run.trainer.abstract_state, step=step)
+  if got.step is None:
+    return run.trainer.init_fn(jax.random.key(cfg.random_seed)), 0
+  run.batches.set_state(got.data_state)
+  if got.set_aside or step is not None:
+    history.append({
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "restored_step": got.step,
+        "restore_step": step,
+        "set_aside": got.set_aside
+    })
+  logging.info("resumed from %s at step %d", cfg.model_dir, got.step)
+  return got.state, got.step
 
 
 def _catch_up_eval(run: run_lib.Run, state, start: int) -> None:
@@ -152,9 +174,9 @@ def run_training(run: run_lib.Run) -> dict:
   ref_params = _restore_reference(run)
   with contextlib.ExitStack() as stack:
     stack.callback(run.close)
-    ckpt = ckpt_lib.Checkpointer(cfg.model_dir, save_every=cfg.checkpoint_every,
-                                 keep=cfg.keep_checkpoints)
-    stack.callback(ckpt.close)
+    ckpt = stack.enter_context(
+        ckpt_lib.Checkpointer(cfg.model_dir, save_every=cfg.checkpoint_every,
+                              keep=cfg.keep_checkpoints))
     state, start = _start(run, ckpt)
     outputs.write_json(os.path.join(cfg.model_dir, outputs.RUN_INFO), run.info)
     config_lib.write_operative_config(cfg.model_dir)
@@ -212,6 +234,7 @@ class _Loop:
         self._log()
       if saving:
         self.ckpt.save(self.step, state, self.run_.batches.get_state(), force=True)
+      self.ckpt.check()  # a save that failed in the background stops the run now
       if self.run_.evaluator is not None and (self.step % cfg.eval_every == 0 or
                                               self.step == cfg.train_steps):
         self.run_.evaluator.run(state.params, self.step, cfg.model_dir)
@@ -233,6 +256,8 @@ class _Loop:
     self.last.update(tokens_per_second=self.tokens / max(elapsed, 1e-9),
                      learning_rate=float(self.run_.trainer.schedule(self.step - 1)))
     self.tokens = 0.0
+    if self.trajectory is not None:  # have the weights settled so far?
+      self.last["weight_diagnostics"] = self.trajectory.diagnostics()
     self.writer.write(self.step, self.last)
     if self.trajectory is not None:
       self.trajectory.flush()
@@ -255,6 +280,8 @@ def _host_metrics(pending, domains, trajectory):
   out["domain_loss"] = {d: float(s / c) for d, s, c in zip(domains, sums, counts) if c > 0}
   if "domain_weights" in m:
     out["ref_loss"] = float(m["ref_loss"])
+    ref_sums = np.asarray(m["domain_ref_loss_sums"])
+    out["domain_ref_loss"] = {d: float(s / c) for d, s, c in zip(domains, ref_sums, counts) if c > 0}
     for key in ("domain_weights", "avg_domain_weights", "domain_excess"):
       out[key] = dict(zip(domains, map(float, m[key])))
     trajectory.append(step, m["domain_weights"], m["avg_domain_weights"])

@@ -237,4 +237,5 @@ def test_pipeline_scopes_resolve(capture, tmp_path, monkeypatch):
   assert seen["main"][0].emb_dim != seen["reference"][0].emb_dim
   assert seen["reference"][0].emb_dim == 64  # tiny outside the main scope
   with gin.config_scope("proxy"):
-    assert train_lib.DoReMiConfig().eta == 1.0
+    assert train_lib.DoReMiConfig().eta == 0.1  # the demo's proxy scope (demo_cpu.gin)
+  assert train_lib.DoReMiConfig().eta == 1.0  # the paper's, outside it

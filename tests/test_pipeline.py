@@ -53,3 +53,39 @@ def test_pipeline_stops_when_converged(tmp_path):
   study = json.load(open(os.path.join(out, "study.json")))
   assert len(study["rounds"]) == 1 and study["converged"]
   assert set(study["mains"]) == {"doremi", "uniform"}
+
+
+def test_seeds_and_etas_pipeline(tmp_path):
+  """2 seeds x 2 etas: every stage per seed, one proxy and main run per eta, the baselines
+  shared by the etas; the report gives mean +- sd over seeds; a rerun skips every stage."""
+  out = str(tmp_path / "study")
+  flags = ("--gin.pipeline.seeds=[0, 1]", "--gin.pipeline.etas=[1.0, 0.1]",
+           "--gin.pipeline.baselines=['uniform']")
+  _run_pipeline(out, *flags)
+  for seed in (0, 1):
+    base = os.path.join(out, f"seed{seed}")
+    for run in ("round1/reference", "round1/doremi_eta1", "round1/doremi_eta0.1",
+                "main/doremi_eta1", "main/doremi_eta0.1", "main/uniform"):
+      info = json.load(open(os.path.join(base, run, "run_info.json")))
+      assert info["random_seed"] == seed, run
+    eta = json.load(open(os.path.join(base, "round1/doremi_eta0.1/domain_weights.json")))
+    assert eta["eta"] == 0.1 and "half_drift" in eta["diagnostics"]
+  summary = json.load(open(os.path.join(out, "summary.json")))
+  assert set(summary["etas"]) == {"1", "0.1"}
+  stats = summary["etas"]["0.1"]["uniform"]["average"]
+  assert stats["n"] == 2 and stats["sd"] is not None
+  assert stats["verdict"] in ("better", "worse", "no significant difference")
+  report = open(os.path.join(out, "report.md")).read()
+  assert "## eta = 0.1" in report and "reports/seed1_eta0.1/report.md" in report
+  assert os.path.exists(os.path.join(out, "reports", "seed1_eta0.1", "report.md"))
+  runs = ("seed0/main/uniform", "seed1/round1/doremi_eta1", "seed1/main/doremi_eta0.1")
+  before = {
+      p: (open(os.path.join(out, p, "metrics.jsonl")).read(),
+          sorted(os.listdir(os.path.join(out, p, "checkpoints")))) for p in runs
+  }
+  study = json.load(open(os.path.join(out, "reports", "seed1_eta1", "study.json")))
+  _run_pipeline(out, *flags)  # finished stages are skipped: no step runs again
+  for p in runs:
+    assert (open(os.path.join(out, p, "metrics.jsonl")).read(),
+            sorted(os.listdir(os.path.join(out, p, "checkpoints")))) == before[p], p
+  assert json.load(open(os.path.join(out, "reports", "seed1_eta1", "study.json"))) == study

@@ -1,0 +1,113 @@
+"""Convergence diagnostics and the over-seeds verdict rule, on constructed numbers."""
+import math
+
+import numpy as np
+import pytest
+
+from doremi_jax import aggregate
+from doremi_jax import diagnostics
+
+
+def _settled(t=400, k=4, seed=0):
+  rng = np.random.default_rng(seed)
+  target = np.array([0.4, 0.3, 0.2, 0.1])[:k]
+  a = target + 0.002 * rng.standard_normal((t, k))
+  return a / a.sum(1, keepdims=True)
+
+
+def _hopping(t=400, k=4, period=30):
+  """Near one-hot weights whose leader moves to the next domain every `period` steps."""
+  a = np.full((t, k), 0.01)
+  a[np.arange(t), (np.arange(t) // period) % k] = 1 - 0.01 * (k - 1)
+  a[:t // 2, 0] += 0.5  # and the first half favours domain 0: the average drifts
+  return a / a.sum(1, keepdims=True)
+
+
+def test_settled_trajectory():
+  d = diagnostics.weight_diagnostics(_settled())
+  assert d["settled"] and d["half_drift"] < 0.002 and d["tail_drift"] < 0.002
+  assert d["leader_changes"] == 0 and 3.4 < d["effective_domains"] < 4.0
+  assert d["threshold"] == pytest.approx(0.1 / 4)
+
+
+def test_hopping_trajectory():
+  d = diagnostics.weight_diagnostics(_hopping())
+  assert not d["settled"] and d["half_drift"] > 0.1 and d["tail_drift"] > 0.02
+  assert d["leader_changes"] == pytest.approx(200 / 30, abs=1)
+  assert d["effective_domains"] < 1.3
+
+
+def test_hand_computed_drifts_and_entropy():
+  a = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+  d = diagnostics.weight_diagnostics(a)
+  assert d["half_drift"] == pytest.approx(0.75)  # first half [1, 0], second [0.25, 0.75]
+  assert d["tail_drift"] == pytest.approx(0.625 - 0.5)  # all [0.625, 0.375], last 3 [0.5, 0.5]
+  # Tail = last 2 rows: exp(H) = 1 for one-hot, 2 for uniform.
+  assert d["effective_domains"] == pytest.approx(1.5, abs=1e-6)
+  assert d["leader_changes"] == 1  # argmax 1, then 0 (a tie goes to the first)
+
+
+def test_run_diagnostics_tail_means():
+  traj = [{"domain_weights": w.tolist()} for w in _settled(t=8, k=2)]
+  metrics = [{
+      "domain_excess": {
+          "a": e,
+          "b": 0.0
+      },
+      "domain_loss": {
+          "a": 2.0 + e,
+          "b": 1.0
+      },
+      "domain_ref_loss": {
+          "a": 2.0,
+          "b": 1.5
+      }
+  } for e in (0.0, 0.0, 1.0, 3.0)]
+  d = diagnostics.run_diagnostics(traj, metrics, ["a", "b"])
+  assert d["tail_excess"] == {"a": 2.0, "b": 0.0}  # the last half: excess 1 and 3
+  assert d["tail_loss_gap"] == {"a": 2.0, "b": -0.5}
+
+
+def test_moving_average():
+  a = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+  m = diagnostics.moving_average(a, 2)
+  np.testing.assert_allclose(m, [[1, 0], [0.5, 0.5], [0.5, 0.5], [0.5, 0.5]])
+
+
+def test_mean_sd_and_two_standard_errors():
+  s = aggregate.mean_sd_se([-0.03, -0.02, -0.04])
+  assert s["n"] == 3 and s["mean"] == pytest.approx(-0.03)
+  assert s["sd"] == pytest.approx(0.01) and s["se"] == pytest.approx(0.01 / math.sqrt(3))
+  assert aggregate.significance(s) == "better"  # |-0.03| > 2 x 0.00577
+  noisy = aggregate.mean_sd_se([-0.05, 0.04, 0.0])
+  assert aggregate.significance(noisy) == aggregate.NO_DIFFERENCE
+  assert aggregate.significance(aggregate.mean_sd_se([0.02, 0.021, 0.019])) == "worse"
+  assert aggregate.significance(aggregate.mean_sd_se([0.5])) == aggregate.PROVISIONAL
+
+
+def test_summarize_groups_by_eta_and_baseline():
+
+  def summary(da, dw, reach):
+    return {
+        "baselines": {
+            "uniform": {
+                "delta_average": da,
+                "delta_worst": dw,
+                "steps_to_reach": reach
+            }
+        }
+    }
+
+  per_seed = {
+      "seed0_eta1": summary(0.1, 0.2, None),
+      "seed1_eta1": summary(0.12, 0.1, 40),
+      "seed0_eta0.1": summary(-0.01, 0.0, 50),
+      "seed1_eta0.1": summary(0.01, 0.0, 70)
+  }
+  out = aggregate.summarize(per_seed)
+  assert set(out) == {"1", "0.1"}
+  assert out["1"]["uniform"]["average"]["mean"] == pytest.approx(0.11)
+  assert out["1"]["uniform"]["average"]["verdict"] == "worse"
+  assert out["0.1"]["uniform"]["average"]["verdict"] == aggregate.NO_DIFFERENCE
+  assert out["0.1"]["uniform"]["steps_to_reach"]["mean"] == pytest.approx(60)
+  assert out["1"]["uniform"]["steps_to_reach"]["reached"] == "1/2 seeds"
