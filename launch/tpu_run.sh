@@ -1189,7 +1189,7 @@ cmd_run() {
   local attempt=0 rc
   check_ssh_agent
   while :; do
-    RUN_ID="${STAGE}-$(date +%Y%m%d-%H%M%S)"
+    RUN_ID="${STAGE}-$(date +%Y%m%d-%H%M%S)-$$"
     ((attempt == 0)) || RUN_ID+="-retry${attempt}"
     rc=0
     run_attempt || rc=$?
