@@ -41,6 +41,8 @@ setuptools.setup(
         "orbax-checkpoint>=0.11",
         "seqio>=0.0.19",
         "tensorflow-datasets>=4.9",
+        # `tfds build` (preparing the downstream datasets) imports it; TFDS does not declare it.
+        "importlib_resources",
         "gin-config>=0.5",
         "numpy",
         "zstandard",

@@ -37,21 +37,46 @@ def train(mixture: str, vocab_size: int, output: str, *, split: str = "train",
       iter_mixture_text(mixture, split, max_documents_per_domain), vocab_size, output, **kwargs)
 
 
+def chunks(text: str, max_chars: int):
+  """A document as pieces of whole lines (newlines kept) of at most max_chars characters (a
+  longer line is cut); SentencePiece skips longer sentences."""
+  piece = ""
+  for line in text.splitlines(keepends=True):
+    while len(line) > max_chars:
+      if piece:
+        yield piece
+        piece = ""
+      yield line[:max_chars]
+      line = line[max_chars:]
+    if len(piece) + len(line) > max_chars:
+      yield piece
+      piece = ""
+    piece += line
+  if piece.strip():
+    yield piece
+
+
 def train_from_texts(texts: Iterable[str], vocab_size: int, output: str, *,
                      model_type: str = "unigram", character_coverage: float = 0.9995,
                      max_sentence_length: int = 16384) -> str:
-  """Trains a SentencePiece model on documents' non-empty lines (pad=0, eos=1, unk=2, no bos,
-  as SeqIO expects) and writes `<output>.model` (local or gs://, atomically); returns its
-  path. The vocabulary may come out smaller than vocab_size on a small text
-  (hard_vocab_limit=False)."""
+  """Trains a SentencePiece model (pad=0, eos=1, unk=2, no bos, as SeqIO expects) and writes
+  `<output>.model` (local or gs://, atomically); returns its path. The vocabulary may come out
+  smaller than vocab_size on a small text (hard_vocab_limit=False).
+
+  Newlines and runs of spaces are kept ("\n" is a piece of its own; no whitespace folding),
+  so that code keeps its layout and one-shot prompts their lines (data_pipelines.downstream
+  stops answers at a newline): documents are trained on as pieces of whole lines."""
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
   model = io.BytesIO()
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=(line for doc in texts for line in doc.splitlines() if line.strip()),
-      model_writer=model, vocab_size=vocab_size, model_type=model_type,
-      character_coverage=character_coverage, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-      max_sentence_length=max_sentence_length, hard_vocab_limit=False, num_threads=os.cpu_count() or
-      1, minloglevel=2)
+  # Characters, not bytes: a piece of max_sentence_length / 4 characters fits in UTF-8.
+  pieces = (p for doc in texts for p in chunks(doc, max_sentence_length // 4) if p.strip())
+  spm.SentencePieceTrainer.train(sentence_iterator=pieces, model_writer=model,
+                                 vocab_size=vocab_size, model_type=model_type,
+                                 character_coverage=character_coverage, pad_id=0, eos_id=1,
+                                 unk_id=2, bos_id=-1, max_sentence_length=max_sentence_length,
+                                 hard_vocab_limit=False, normalization_rule_name="nmt_nfkc",
+                                 remove_extra_whitespaces=False, user_defined_symbols=["\n"],
+                                 num_threads=os.cpu_count() or 1, minloglevel=2)
   path = output if output.endswith(".model") else output + ".model"
   d = os.path.dirname(path)
   if d:

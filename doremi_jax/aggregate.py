@@ -5,11 +5,12 @@ and worst-case log-perplexity, nats/token; lower is better) give a mean, a sampl
 deviation and a standard error sd / sqrt(n). "better" or "worse" only when |mean| > 2 SE;
 otherwise "no significant difference". One seed has no spread: "provisional (one seed)".
 Steps to reach the baseline's final average are summarized the same way over the seeds
-where DoReMi reached it.
+where DoReMi reached it. Downstream exact match (points; higher is better), when the main
+runs evaluated downstream tasks, follows the same rule with the sign reversed.
 """
 import math
 import os
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -34,15 +35,44 @@ def mean_sd_se(values: Sequence[float]) -> dict:
   }
 
 
-def significance(stats: Mapping) -> str:
-  """better / worse beyond two standard errors of the mean difference (lower is better)."""
+def significance(stats: Mapping, *, higher_is_better: bool = False) -> str:
+  """better / worse beyond two standard errors of the mean difference (lower is better,
+  unless higher_is_better)."""
   if stats["n"] == 0:
     return "no data"
   if stats["se"] is None:
     return PROVISIONAL
   if abs(stats["mean"]) > 2 * stats["se"]:
-    return "better" if stats["mean"] < 0 else "worse"
+    return "better" if (stats["mean"] > 0) == higher_is_better else "worse"
   return NO_DIFFERENCE
+
+
+def _reach_stats(reach: list) -> dict:
+  stats = mean_sd_se([r for r in reach if r is not None])
+  return {**stats, "reached": f"{stats['n']}/{len(reach)} seeds"}
+
+
+def _downstream(per_seed: Mapping[str, Mapping]) -> dict:
+  """{eta: {baseline: {"average", "steps_to_reach"}}} of downstream exact match."""
+  cells = {}
+  for key, summary in per_seed.items():
+    eta = key.rsplit("eta", 1)[1]
+    for name, b in ((summary.get("downstream") or {}).get("baselines") or {}).items():
+      cell = cells.setdefault(eta, {}).setdefault(name, {"average": [], "reach": []})
+      cell["average"].append(b["delta_average"])
+      if b.get("reach_status") in ("reached", "never"):  # measured (report_downstream.py)
+        cell["reach"].append(b.get("steps_to_reach"))
+  out = {}
+  for eta, names in cells.items():
+    for name, cell in names.items():
+      avg = mean_sd_se(cell["average"])
+      out.setdefault(eta, {})[name] = {
+          "average": {
+              **avg, "verdict": significance(avg, higher_is_better=True)
+          },
+          "steps_to_reach": _reach_stats(cell["reach"])
+      }
+  return out
 
 
 def summarize(per_seed: Mapping[str, Mapping]) -> dict:
@@ -59,7 +89,6 @@ def summarize(per_seed: Mapping[str, Mapping]) -> dict:
   for eta, names in out.items():
     for name, cell in names.items():
       avg, worst = mean_sd_se(cell["average"]), mean_sd_se(cell["worst"])
-      reach = mean_sd_se([r for r in cell["reach"] if r is not None])
       result.setdefault(eta, {})[name] = {
           "average": {
               **avg, "verdict": significance(avg)
@@ -67,9 +96,7 @@ def summarize(per_seed: Mapping[str, Mapping]) -> dict:
           "worst": {
               **worst, "verdict": significance(worst)
           },
-          "steps_to_reach": {
-              **reach, "reached": f"{reach['n']}/{len(cell['reach'])} seeds"
-          },
+          "steps_to_reach": _reach_stats(cell["reach"]),
       }
   return result
 
@@ -88,7 +115,25 @@ def _steps(stats: Mapping) -> str:
   return f"{stats['mean']:.0f}{sd}"
 
 
-def render(studies: Mapping, per_seed: Mapping[str, Mapping], stats: Mapping) -> str:
+def _downstream_md(downstream: Mapping) -> list:
+  """The downstream table of one eta (empty without downstream evaluations)."""
+  if not downstream:
+    return []
+  lines = [
+      "Downstream one-shot exact match, DoReMi minus baseline in points (positive: DoReMi "
+      "is better), same rule:", "", "| baseline | average exact match | verdict | steps to "
+      "reach the baseline's final exact match |", "|---|---|---|---|"
+  ]
+  for name, st in downstream.items():
+    reach = st["steps_to_reach"]
+    text = (f"{_steps(reach)} ({reach['reached']})" if reach["reached"] != "0/0 seeds" else
+            "- (not measured: a baseline at 0, or one evaluation)")
+    lines.append(f"| {name} | {_pm(st['average'], 2)} | {st['average']['verdict']} | {text} |")
+  return lines + [""]
+
+
+def render(studies: Mapping, per_seed: Mapping[str, Mapping], stats: Mapping,
+           downstream: Optional[Mapping] = None) -> str:
   """report.md of a study over seeds and etas."""
   first = next(iter(studies.values()))
   seeds = sorted({s for s, _ in studies}, key=str)
@@ -112,11 +157,11 @@ def render(studies: Mapping, per_seed: Mapping[str, Mapping], stats: Mapping) ->
                    f"{_pm(st['worst'])} | {st['worst']['verdict']} | "
                    f"{_steps(reach)} "
                    f"({reach['reached']}) |")
+    lines += [""] + _downstream_md((downstream or {}).get(eta))
     weights = [per_seed[k]["doremi_weights"] for k in per_seed if k.endswith(f"eta{eta}")]
     domains = list(first["domains"])
     mean_w = {d: float(np.mean([w[d] for w in weights])) for d in domains}
     lines += [
-        "",
         "DoReMi weights (mean over seeds): " + ", ".join(f"{d} {mean_w[d]:.3f}" for d in domains),
         ""
     ]
@@ -134,10 +179,11 @@ def render(studies: Mapping, per_seed: Mapping[str, Mapping], stats: Mapping) ->
 
 def write(studies: Mapping, per_seed: Mapping[str, Mapping], out_dir: str) -> dict:
   """report.md and summary.json over seeds and etas; returns the summary."""
-  stats = summarize(per_seed)
+  stats, downstream = summarize(per_seed), _downstream(per_seed)
   summary = {
       "name": next(iter(studies.values()))["name"],
       "etas": stats,
+      "downstream": downstream,
       "runs": {
           k: {
               "doremi_weights": s.get("doremi_weights"),
@@ -145,7 +191,8 @@ def write(studies: Mapping, per_seed: Mapping[str, Mapping], out_dir: str) -> di
           } for k, s in per_seed.items()
       }
   }
-  outputs.write_text(os.path.join(out_dir, outputs.REPORT), render(studies, per_seed, stats))
+  outputs.write_text(
+      os.path.join(out_dir, outputs.REPORT), render(studies, per_seed, stats, downstream))
   outputs.write_json(os.path.join(out_dir, outputs.SUMMARY), summary)
   return summary
 
@@ -157,5 +204,9 @@ def console(summary: Mapping, report_path: str) -> str:
       lines.append(f"  eta {eta} vs {name}: average {_pm(st['average'])} "
                    f"({st['average']['verdict']}), worst case {_pm(st['worst'])} "
                    f"({st['worst']['verdict']})")
+      ds = (summary.get("downstream") or {}).get(eta, {}).get(name)
+      if ds:
+        lines.append(f"    downstream exact match {_pm(ds['average'], 2)} points "
+                     f"({ds['average']['verdict']})")
   lines.append(f"report: {report_path}")
   return "\n".join(lines)

@@ -245,9 +245,20 @@ def oom_report(message: str, args, donated, *, topology: str, family: str, num_d
 
 
 def check_trainer(trainer, *, topology: str, family: str, which: str = "train",
-                  description: str = "") -> Report:
-  """Lowers and compiles the trainer's step (or eval step) and returns its Report."""
-  if which == "eval":
+                  description: str = "", downstream=None) -> Report:
+  """Lowers and compiles the trainer's step (or eval step, or with `downstream`, a
+  DownstreamConfig, the greedy decoding of its batch) and returns its Report."""
+  lowered = None
+  if which == "decode":
+    from doremi_jax import decoding  # pylint: disable=g-import-not-at-top
+    decoder = decoding.Decoder(trainer.model_cfg, trainer.mesh, batch_size=downstream.batch_size,
+                               max_prompt_len=downstream.inputs_length + 1,
+                               max_decode_len=downstream.targets_length)
+    args = (trainer.abstract_state.params,)
+    lowered = decoder.lowered(*args)
+    step = (f"greedy decoding with a KV cache ({downstream.batch_size} prompts of "
+            f"{downstream.inputs_length} + {downstream.targets_length} tokens)")
+  elif which == "eval":
     fn = trainer.eval_fn
     args = (trainer.abstract_state.params, trainer.abstract_batch)
     step = "eval step"
@@ -257,13 +268,13 @@ def check_trainer(trainer, *, topology: str, family: str, which: str = "train",
     step = "proxy step (DoReMi, with reference)" if trainer.is_doremi else "train step"
   where = dict(topology=topology, family=family, num_devices=trainer.mesh.devices.size,
                mesh_shape=dict(trainer.mesh.shape), step=step, description=description)
-  lowered = fn.lower(*args)
+  lowered = lowered or fn.lower(*args)
   try:
     compiled = lowered.compile()
   except Exception as e:  # pylint: disable=broad-except
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
-    donated = args[0] if which != "eval" else ()
+    donated = args[0] if which == "train" else ()
     return oom_report(str(e), args, donated, **where)
   return analyze(compiled, **where)
 
@@ -293,7 +304,7 @@ def check_config(cfg, *, topology: str, which: str = "train", num_domains: Optio
                           num_domains=num_domains, ref_model_cfg=ref_model_cfg)
   text = _describe(run.trainer, cfg.batch_size, cfg.seq_len) + f", {hosts} host(s)"
   return check_trainer(run.trainer, topology=canonical, family=family, which=which,
-                       description=text + description)
+                       description=text + description, downstream=cfg.downstream)
 
 
 # ------------------------------------------------------------------ command line
@@ -348,6 +359,9 @@ def check_from_gin(topology: Optional[str], which: str = "train",
     cfg = dataclasses.replace(cfg, train_steps=1000)
   if which == "eval" and cfg.eval_batch_size:
     cfg = dataclasses.replace(cfg, batch_size=cfg.eval_batch_size)
+  if which == "decode" and cfg.downstream is None:
+    raise ValueError("--step=decode checks train.downstream's decoding: bind "
+                     "train.downstream = @DownstreamConfig() (and its batch and lengths).")
   k, note = _num_domains(cfg.mixture_or_task_name, num_domains)
   ref_cfg = None
   if cfg.doremi is not None:
@@ -360,8 +374,10 @@ def check_from_gin(topology: Optional[str], which: str = "train",
 def _extra_flags(parser):
   parser.add_argument("--topology", default=None,
                       help="e.g. v5e:4x4, v4:2x2x4 or v5litepod-16 (default: gin TOPOLOGY)")
-  parser.add_argument("--step", choices=("train", "eval"), default="train",
-                      help="train: the run's train or proxy step; eval: its eval step")
+  parser.add_argument(
+      "--step", choices=("train", "eval", "decode"), default="train",
+      help="train: the run's train or proxy step; eval: its eval step; "
+      "decode: train.downstream's greedy decoding")
   parser.add_argument("--num_domains", type=int, default=None,
                       help="domains (default: the mixture's, when registered here; else 22)")
 

@@ -102,11 +102,72 @@ def attention_mask(segment_ids_BxL):
   return causal[None] & same & valid  # B, Lq, Lk
 
 
+def dot_product_attention(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxQxS, dtype: Dtype):
+  """Masked softmax attention [B, Q, H, K]; a query with no visible key gets zeros."""
+  head_dim = q_BxQxHxK.shape[-1]
+  logits = jnp.einsum("bqhk,bshk->bhqs", q_BxQxHxK, k_BxSxHxK).astype(jnp.float32)
+  logits = logits / jnp.sqrt(head_dim)
+  mask = mask_BxQxS[:, None]
+  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1)
+  # Rows with no visible key (padding) would be uniform; zero them so they carry nothing.
+  probs = jnp.where(mask, probs, 0.0).astype(dtype)
+  return jnp.einsum("bhqs,bshk->bqhk", probs, v_BxSxHxK)
+
+
+class KVCache(nn.Module):
+  """One attention layer's decode-time cache, in the "cache" variable collection.
+
+  Holds S slots (S: the length of the input that created the cache, e.g. prompt buffer +
+  decode length): rotated keys and values [B, S, H, K], the segment id of each slot [B, S]
+  (0: padding or not written yet, so never attended) and the next slot to write (a scalar).
+  A call writes its L new keys/values at that slot and returns the whole cache with the mask
+  of the new queries over it: the training mask (causal by slot, same segment, padding queries
+  see nothing) of the sequence written so far.
+
+  The first call (model.init, or apply with the "cache" collection empty) only creates the
+  zeroed cache, sized by its input, and returns the input's own keys, values and mask.
+  """
+
+  @nn.compact
+  def __call__(self, k_BxLxHxK, v_BxLxHxK, segment_ids_BxL):
+    kv_axes = ("batch", "length", "heads", "kv")
+    initialized = self.has_variable("cache", "key")
+
+    def var(name, axes, shape, dtype):
+      init = nn.with_logical_partitioning(jnp.zeros, axes)
+      return self.variable("cache", name, init, shape, dtype)
+
+    key = var("key", kv_axes, k_BxLxHxK.shape, k_BxLxHxK.dtype)
+    value = var("value", kv_axes, v_BxLxHxK.shape, v_BxLxHxK.dtype)
+    segs = var("segment_ids", ("batch", "length"), segment_ids_BxL.shape, jnp.int32)
+    index = var("index", (), (), jnp.int32)
+    if not initialized:
+      return k_BxLxHxK, v_BxLxHxK, attention_mask(segment_ids_BxL)
+
+    start = index.value
+    write = lambda cur, new, axes: nn.with_logical_constraint(
+        jax.lax.dynamic_update_slice_in_dim(cur, new.astype(cur.dtype), start, axis=1), axes)
+    key.value = write(key.value, k_BxLxHxK, kv_axes)
+    value.value = write(value.value, v_BxLxHxK, kv_axes)
+    segs.value = write(segs.value, segment_ids_BxL, ("batch", "length"))
+    index.value = start + segment_ids_BxL.shape[1]
+
+    query_slot_L = start + jnp.arange(segment_ids_BxL.shape[1])
+    key_slot_S = jnp.arange(segs.value.shape[1])
+    causal_LxS = key_slot_S[None, :] <= query_slot_L[:, None]
+    same = segment_ids_BxL[:, :, None] == segs.value[:, None, :]
+    valid = (segment_ids_BxL != 0)[:, :, None]
+    return key.value, value.value, causal_LxS[None] & same & valid
+
+
 class Attention(nn.Module):
+  """Multi-head self-attention. With decode=True keys and values go through a KVCache: a call
+  sees every key written so far (the prompt, then one new token a call)."""
   cfg: TransformerConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL):
+  def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL, decode: bool = False):
     cfg = self.cfg
     dt = cfg.compute_dtype
 
@@ -125,13 +186,11 @@ class Attention(nn.Module):
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
     k = nn.with_logical_constraint(k, ("batch", "length", "heads", "kv"))
     v = nn.with_logical_constraint(v, ("batch", "length", "heads", "kv"))
-    logits = jnp.einsum("bqhk,bshk->bhqs", q, k).astype(jnp.float32) / jnp.sqrt(cfg.head_dim)
-    mask = attention_mask(segment_ids_BxL)[:, None]
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
-    # Rows with no visible key (padding) would be uniform; zero them so they carry nothing.
-    probs = jnp.where(mask, probs, 0.0).astype(dt)
-    out = jnp.einsum("bhqs,bshk->bqhk", probs, v)
+    if decode:
+      k, v, mask = KVCache(name="kv_cache")(k, v, segment_ids_BxL)
+    else:
+      mask = attention_mask(segment_ids_BxL)
+    out = dot_product_attention(q, k, v, mask, dt)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
     w_out = self.param(
         "out",
@@ -164,10 +223,10 @@ class Block(nn.Module):
   cfg: TransformerConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL):
+  def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL, decode: bool = False):
     cfg = self.cfg
     h = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="attn_norm")(x_BxLxD)
-    x_BxLxD = x_BxLxD + Attention(cfg, name="attn")(h, segment_ids_BxL, positions_BxL)
+    x_BxLxD = x_BxLxD + Attention(cfg, name="attn")(h, segment_ids_BxL, positions_BxL, decode)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
     h = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="mlp_norm")(x_BxLxD)
     x_BxLxD = x_BxLxD + GatedMLP(cfg, name="mlp")(h)
@@ -182,11 +241,18 @@ _REMAT_POLICIES = {
 
 class Transformer(nn.Module):
   """Float32 logits [B, L, V_padded] for decoder inputs (already shifted right), or with
-  return_hidden the final normalized hidden states [B, L, D] (see output_logits)."""
+  return_hidden the final normalized hidden states [B, L, D] (see output_logits).
+
+  decode=True runs incrementally against each layer's KVCache (the mutable "cache"
+  collection; see doremi_jax.decoding): model.init with decode=True sizes the cache by its
+  input [B, S]; each later apply appends its L tokens. Remat is off when decoding, and the
+  parameters are the same either way.
+  """
   cfg: TransformerConfig
 
   @nn.compact
-  def __call__(self, inputs_BxL, segment_ids_BxL, positions_BxL, return_hidden: bool = False):
+  def __call__(self, inputs_BxL, segment_ids_BxL, positions_BxL, return_hidden: bool = False,
+               decode: bool = False):
     cfg = self.cfg
     embed = self.param(
         "embedding",
@@ -198,9 +264,14 @@ class Transformer(nn.Module):
     if cfg.remat != "none":
       if cfg.remat not in _REMAT_POLICIES:
         raise ValueError(f"remat={cfg.remat!r}: use one of 'none', {sorted(_REMAT_POLICIES)}")
-      block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat])
+      if not decode:  # nothing to save for a backward pass when decoding
+        block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat])
     for i in range(cfg.num_layers):
-      x = block(cfg, name=f"layer_{i}")(x, segment_ids_BxL, positions_BxL)
+      layer = block(cfg, name=f"layer_{i}")
+      if decode:
+        x = layer(x, segment_ids_BxL, positions_BxL, decode=True)
+      else:
+        x = layer(x, segment_ids_BxL, positions_BxL)
     x = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="final_norm")(x)
     if not cfg.tie_embeddings:
       self.param("output_kernel", nn.with_logical_partitioning(_dense_init(), ("embed", "vocab")),

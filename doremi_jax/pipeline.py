@@ -36,6 +36,7 @@ import jax
 from doremi_jax import aggregate
 from doremi_jax import config as config_lib
 from doremi_jax import data as data_lib
+from doremi_jax import downstream_eval
 from doremi_jax import metrics as metrics_lib
 from doremi_jax import outputs
 from doremi_jax import evaluation
@@ -128,7 +129,7 @@ def pipeline(pipeline_dir: str = gin.REQUIRED, *, domain_set: str = gin.REQUIRED
   etas: DoReMi step sizes, each with its own proxy and main run against the same reference
     and baselines (one DoReMi round only). None: the proxy scope's DoReMiConfig.eta.
   """
-  _validate(baselines, max_rounds, natural_weights, etas)
+  _validate(domain_set, baselines, max_rounds, natural_weights, etas)
   natural, token_counts = _natural(domain_set, sequence_length, cache_dir, natural_weights)
   ref_w = _reference_weights(reference_weights, natural, domain_set)
   etas = list(etas) if etas else [_scoped_doremi().eta]
@@ -179,6 +180,7 @@ def _study(name, domain_set, rounds, converged, results, config, compute, *, see
       "config": config,
       "seed": seed,
       "eta": eta,
+      "downstream": downstream_eval.describe_runs(results),
       "equal_compute": {
           "train_steps": steps,
           "batch_size": batch,
@@ -209,7 +211,7 @@ def _reference_weights(reference_weights: str, natural: dict, domain_set: str) -
           weights_lib.read_weights(reference_weights), f"{domain_set}_reference_file", domain_set))
 
 
-def _validate(baselines, max_rounds: int, natural_weights: str, etas) -> None:
+def _validate(domain_set: str, baselines, max_rounds: int, natural_weights: str, etas) -> None:
   if etas is not None and (not etas or any(not float(e) > 0 for e in etas)):
     raise ValueError(f"pipeline.etas={etas!r}: give positive step sizes, e.g. [1.0, 0.1].")
   if etas is not None and len(etas) > 1 and max_rounds > 1:
@@ -223,6 +225,22 @@ def _validate(baselines, max_rounds: int, natural_weights: str, etas) -> None:
   if natural_weights not in ("registered", "counted"):
     raise ValueError(f"pipeline.natural_weights={natural_weights!r}: use 'registered' or "
                      f"'counted'.")
+  _check_downstream(domain_set)
+
+
+def _check_downstream(domain_set: str) -> None:
+  """The main runs' downstream tasks (`main/train.downstream`), checked before the first stage:
+  a missing TFDS dataset fails now, with its `tfds build` command, not after the proxy."""
+  from data_pipelines import core
+  try:
+    bound = gin.query_parameter("main/train.downstream") is not None
+  except (KeyError, ValueError):  # train has no bindings in the main scope
+    bound = False
+  if bound:
+    with gin.config_scope("main"):
+      cfg = downstream_eval.DownstreamConfig()
+    cfg.validate()
+    downstream_eval.register_tasks(cfg, core.get_domain_set(domain_set).vocabulary)
 
 
 def _natural(domain_set: str, sequence_length: int, cache_dir, natural_weights: str):
@@ -287,6 +305,9 @@ def _main_runs(pipeline_dir: str, domain_set: str, mains: dict, *, stage_args: d
     _scoped_train("main", main_dir, mixture, train_steps=train_steps, batch_size=batch_size,
                   **stage_args)
     results[run] = {"weights": weights, "evals": evaluation.read_history(main_dir)}
+    downstream = downstream_eval.read_history(main_dir)
+    if downstream:
+      results[run]["downstream"] = downstream
   return results
 
 
@@ -328,6 +349,10 @@ def console_summary(summary: dict, report_path: str) -> str:
         f"  vs {name}: average {b['verdict_average']} ({b['delta_average']:+.4f} nats), worst "
         f"case {b['verdict_worst']} ({b['delta_worst']:+.4f}), better on "
         f"{b['domains_better']}/{b['num_domains']} domains, {reach}")
+    ds = ((summary.get("downstream") or {}).get("baselines") or {}).get(name)
+    if ds:
+      lines.append(f"    downstream exact match {ds['delta_average']:+.1f} points, higher on "
+                   f"{ds['tasks_better']}/{ds['num_tasks']} tasks")
   lines.append(f"report: {report_path}")
   return "\n".join(lines)
 

@@ -17,19 +17,16 @@ import matplotlib
 from matplotlib.figure import Figure
 import numpy as np
 
+from doremi_jax import curves
 from doremi_jax import report_diagnostics
+from doremi_jax import report_downstream
 
-DOREMI = "doremi"
+DOREMI = curves.DOREMI
+steps_to_reach = curves.steps_to_reach
 DEFAULT_TOLERANCE = 0.005
 _PAPER_SCALE = "a 280M proxy and an 8B main model, 200k steps each, on The Pile"
 
-
-def _num(x):
-  """float(x), or NaN for None and anything non-numeric."""
-  try:
-    return float(x)
-  except (TypeError, ValueError):
-    return float("nan")
+_num = curves.num
 
 
 def _clean(x):
@@ -52,26 +49,6 @@ def verdict(doremi, baseline, tolerance=DEFAULT_TOLERANCE):
   else:
     v = "better" if delta < 0 else "worse"
   return {"verdict": v, "delta": delta, "relative": _clean(relative)}
-
-
-def steps_to_reach(steps, values, target):
-  """First step at which values <= target, linearly interpolated; None if never."""
-  target = _num(target)
-  if not math.isfinite(target):
-    return None
-  prev = None
-  for s, v in zip(steps, values):
-    s, v = _num(s), _num(v)
-    if not math.isfinite(v):
-      prev = None
-      continue
-    if v <= target:
-      if prev is None or prev[1] == v:
-        return s
-      s0, v0 = prev
-      return s0 + (v0 - target) / (v0 - v) * (s - s0)
-    prev = (s, v)
-  return None
 
 
 def _eval_value(e, key):
@@ -187,7 +164,8 @@ def compute_summary(study, tolerance=DEFAULT_TOLERANCE):
       "doremi_weights": weights,
       "final": finals,
       "baselines": baselines,
-      "better_than_all_baselines": beats_all
+      "better_than_all_baselines": beats_all,
+      "downstream": report_downstream.compute(study)
   })
 
 
@@ -370,7 +348,10 @@ def render_markdown(study, summary, plots):
   if "curves" in plots:
     parts.append(f"![log-perplexity against steps]({plots['curves']})")
   diag = report_diagnostics.section_md(study, summary, plots.get("moving_average"))
-  parts += ([diag] if diag else []) + [_comparison_md(summary), _closing_md(summary)]
+  parts += ([diag] if diag else []) + [_comparison_md(summary)]
+  downstream = report_downstream.section_md(study, summary["downstream"],
+                                            plots.get("downstream_curves"))
+  parts += ([downstream] if downstream else []) + [_closing_md(summary)]
   return "\n\n".join(parts) + "\n"
 
 
@@ -494,6 +475,8 @@ def write_plots(study, summary, plot_dir):
           report_diagnostics.plot_moving_average(study, summary["domains"],
                                                  os.path.join(plot_dir, "weights_moving_avg.png"),
                                                  Figure, _colors),
+      "downstream_curves":
+          report_downstream.plot_curves(study, os.path.join(plot_dir, "downstream_vs_steps.png")),
   }
   return {k: os.path.basename(v) for k, v in made.items() if v}
 

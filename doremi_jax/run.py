@@ -14,6 +14,7 @@ import jax
 from doremi_jax import checkpoint as ckpt_lib
 from doremi_jax import data as data_lib
 from doremi_jax import doremi as doremi_lib
+from doremi_jax import downstream_eval
 from doremi_jax import evaluation
 from doremi_jax import optim
 from doremi_jax import outputs
@@ -57,6 +58,9 @@ class RunConfig:
   cache_dir: Optional[str] = None  # tokenized input (local or gs://); default per user
   pack_across_domains: bool = False  # natural mixtures only: rows mix domains
   stop_after_steps: Optional[int] = None
+  # One-shot generative downstream tasks (exact match), every downstream.every steps and at
+  # the last step, into MODEL_DIR/downstream_history.jsonl.
+  downstream: Optional[downstream_eval.DownstreamConfig] = None
   # Resume from this checkpoint step, not the latest (newer ones are moved aside, not
   # deleted); applied once: a restart with the same value resumes from the latest.
   restore_step: Optional[int] = None
@@ -76,10 +80,12 @@ class Run:
   ref_model_cfg: Optional[TransformerConfig] = None
   batches: Optional[data_lib.BatchIterator] = None
   evaluator: Optional[evaluation.Evaluator] = None  # when cfg.eval_every
+  downstream: Optional[downstream_eval.DownstreamEvaluator] = None  # when cfg.downstream
 
   def close(self) -> None:
-    """Closes the input's open files (store readers)."""
-    for rows in (getattr(self.batches, "packed", None), getattr(self.evaluator, "packed", None)):
+    """Closes the input's open files (store readers) and the downstream evaluators."""
+    for rows in (getattr(self.batches, "packed", None), getattr(self.evaluator, "packed",
+                                                                None), self.downstream):
       getattr(rows, "close", lambda: None)()
 
 
@@ -106,6 +112,8 @@ def validate(cfg: RunConfig, *, abstract: bool = False) -> None:
   if cfg.eval_every < 0:
     raise ValueError(f"train.eval_every={cfg.eval_every}: use 0 (no evaluation) or a step "
                      f"count.")
+  if cfg.downstream is not None:
+    cfg.downstream.validate()
   if cfg.doremi is None:
     return
   cfg.doremi.validate()
@@ -127,10 +135,14 @@ def sequence_length(task_feature_lengths: Mapping[str, int]) -> int:
   return length
 
 
-def vocabulary_info(mixture_or_task_name: str) -> dict:
+def vocabulary(mixture_or_task_name: str):
+  """The seqio vocabulary of a mixture's "targets" (the model's)."""
   from data_pipelines import core  # pylint: disable=g-import-not-at-top
-  task = core.domain_tasks(mixture_or_task_name)[0][1]
-  vocab = task.output_features["targets"].vocabulary
+  return core.domain_tasks(mixture_or_task_name)[0][1].output_features["targets"].vocabulary
+
+
+def vocabulary_info(mixture_or_task_name: str) -> dict:
+  vocab = vocabulary(mixture_or_task_name)
   info = {"type": type(vocab).__name__, "vocab_size": int(vocab.vocab_size)}
   model_file = getattr(vocab, "sentencepiece_model_file", None)
   if model_file:
@@ -251,6 +263,10 @@ def build_run(cfg: RunConfig, *, devices=None, num_processes: Optional[int] = No
   run = Run(cfg=cfg, domains=domains, trainer=trainer, info=info, ref_model_cfg=ref_model_cfg)
   if with_input and not abstract:
     # Input and evaluation data: built (or read from cache) before MODEL_DIR is written.
+    if cfg.downstream is not None:  # first: a missing dataset fails before anything is read
+      run.downstream = downstream_eval.DownstreamEvaluator(
+          cfg.downstream, model_cfg=cfg.model, mesh=mesh,
+          vocabulary=vocabulary(cfg.mixture_or_task_name))
     run.batches = build_input(cfg, process_index=jax.process_index(), process_count=num_processes)
     if cfg.eval_every:
       validation = open_domains(

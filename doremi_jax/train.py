@@ -32,6 +32,7 @@ import numpy as np
 from doremi_jax import checkpoint as ckpt_lib
 from doremi_jax import config as config_lib
 from doremi_jax import doremi as doremi_lib
+from doremi_jax import downstream_eval
 from doremi_jax import metrics as metrics_lib
 from doremi_jax import optim
 from doremi_jax import outputs
@@ -62,7 +63,8 @@ def run_config(model_dir: Optional[str] = gin.REQUIRED, *, mixture_or_task_name:
                optimizer: Optional[optim.OptimizerConfig] = None,
                model: Optional[TransformerConfig] = None, cache_dir: Optional[str] = None,
                pack_across_domains: bool = False, stop_after_steps: Optional[int] = None,
-               restore_step: Optional[int] = None) -> run_lib.RunConfig:
+               restore_step: Optional[int] = None,
+               downstream: Optional[downstream_eval.DownstreamConfig] = None) -> run_lib.RunConfig:
   """The gin bindings `train.*` as a RunConfig (run.RunConfig documents every setting).
 
   The model is TransformerConfig() as gin binds it, unless given. Unset %gin.REQUIRED
@@ -79,7 +81,7 @@ def run_config(model_dir: Optional[str] = gin.REQUIRED, *, mixture_or_task_name:
       checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, eval_every=eval_every,
       eval_batch_size=eval_batch_size, eval_max_sequences=eval_max_sequences, cache_dir=cache_dir,
       pack_across_domains=pack_across_domains, stop_after_steps=stop_after_steps,
-      restore_step=restore_step)
+      restore_step=restore_step, downstream=downstream)
 
 
 def train(model_dir: Optional[str] = None, **overrides) -> dict:
@@ -156,16 +158,31 @@ def _start(run: run_lib.Run, ckpt: ckpt_lib.Checkpointer):
   return got.state, got.step
 
 
+def _evaluators(run: run_lib.Run):
+  """(evaluator, its history file, steps between evaluations) for each one the run has:
+  per-domain log-perplexity and downstream tasks. Each also runs at the last step."""
+  cfg = run.cfg
+  if run.evaluator is not None:
+    yield run.evaluator, outputs.EVAL_HISTORY, cfg.eval_every
+  if run.downstream is not None:
+    yield run.downstream, outputs.DOWNSTREAM_HISTORY, cfg.downstream.every
+
+
+def _due(step: int, every: int, last: int) -> bool:
+  return step > 0 and ((every and step % every == 0) or step == last)
+
+
 def _catch_up_eval(run: run_lib.Run, state, start: int) -> None:
   """Drops evaluations after the restored step; killed between a checkpoint and its
   evaluation, evaluates the restored step now."""
   cfg = run.cfg
-  path = os.path.join(cfg.model_dir, outputs.EVAL_HISTORY)
-  outputs.truncate_jsonl(path, start)
-  ckpt_lib.barrier("eval history truncated")
-  due = start and (start % cfg.eval_every == 0 or start == cfg.train_steps)
-  if due and start not in [r["step"] for r in outputs.read_jsonl(path)]:
-    run.evaluator.run(state.params, start, cfg.model_dir)
+  for evaluator, name, every in _evaluators(run):
+    path = os.path.join(cfg.model_dir, name)
+    outputs.truncate_jsonl(path, start)
+    ckpt_lib.barrier(f"{name} truncated")
+    if _due(start, every,
+            cfg.train_steps) and start not in [r["step"] for r in outputs.read_jsonl(path)]:
+      evaluator.run(state.params, start, cfg.model_dir)
 
 
 def run_training(run: run_lib.Run) -> dict:
@@ -183,8 +200,7 @@ def run_training(run: run_lib.Run) -> dict:
     writer = metrics_lib.MetricsWriter(cfg.model_dir)
     stack.callback(writer.close)
     writer.truncate_after(start)
-    if run.evaluator is not None:
-      _catch_up_eval(run, state, start)
+    _catch_up_eval(run, state, start)
     trajectory = metrics_lib.Trajectory(cfg.model_dir, start) if cfg.doremi else None
     if trajectory is not None:
       stack.callback(trajectory.flush)
@@ -235,9 +251,10 @@ class _Loop:
       if saving:
         self.ckpt.save(self.step, state, self.run_.batches.get_state(), force=True)
       self.ckpt.check()  # a save that failed in the background stops the run now
-      if self.run_.evaluator is not None and (self.step % cfg.eval_every == 0 or
-                                              self.step == cfg.train_steps):
-        self.run_.evaluator.run(state.params, self.step, cfg.model_dir)
+      # Preempted: exit within the grace period; a due evaluation runs on resume (_catch_up_eval).
+      for evaluator, _, every in _evaluators(self.run_) if not stopping else ():
+        if _due(self.step, every, cfg.train_steps):
+          evaluator.run(state.params, self.step, cfg.model_dir)
       if stopping:
         logging.warning("preempted: checkpoint saved at step %d; exiting.", self.step)
         break

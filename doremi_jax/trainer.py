@@ -96,7 +96,7 @@ class Trainer:
     return out
 
 
-def _param_shardings(model, mesh, rules, seq_len):
+def abstract_params_and_shardings(model, mesh, rules, seq_len):
   dummy = jnp.zeros((1, seq_len), jnp.int32)
   boxed = jax.eval_shape(lambda r: model.init(r, dummy, dummy, dummy), jax.random.key(0))
   logical = nn.get_partition_spec(boxed)["params"]
@@ -117,7 +117,7 @@ def _opt_state_shardings(tx, abstract_params, param_sh, repl):
                                transform_non_params=lambda _: repl)
 
 
-def _in_mesh(fn, mesh: Mesh, rules):
+def in_mesh(fn, mesh: Mesh, rules):
   """fn traced with the mesh and logical-axis rules in context, so that the model's
   activation constraints (nn.with_logical_constraint) take effect."""
 
@@ -151,7 +151,7 @@ def build_trainer(*, model_cfg: TransformerConfig, mesh: Mesh, global_batch_size
                   num_processes=num_processes)
   model = Transformer(model_cfg)
   tx, schedule = optim.make_optimizer(opt_cfg, total_steps)
-  abstract_params, param_sh, dummy = _param_shardings(model, mesh, rules, seq_len)
+  abstract_params, param_sh, dummy = abstract_params_and_shardings(model, mesh, rules, seq_len)
   repl = sharding_lib.replicated(mesh)
   opt_sh = _opt_state_shardings(tx, abstract_params, param_sh, repl)
   num_domains = step_cfg.num_domains
@@ -193,24 +193,23 @@ def _jit_steps(trainer: Trainer, model, tx, step_cfg: steps.StepConfig, rules,
   param_sh = state_sh.params
   if ref_model_cfg is not None:
     ref_model = Transformer(ref_model_cfg)
-    abstract_ref, ref_sh, _ = _param_shardings(ref_model, mesh, rules,
-                                               trainer.abstract_batch["inputs"].shape[1])
+    abstract_ref, ref_sh, _ = abstract_params_and_shardings(
+        ref_model, mesh, rules, trainer.abstract_batch["inputs"].shape[1])
     trainer.ref_model_cfg = ref_model_cfg
     trainer.abstract_ref_params = _with_shardings(abstract_ref, ref_sh)
     trainer.ref_shardings = ref_sh
     trainer.step_fn = jax.jit(
-        _in_mesh(
+        in_mesh(
             functools.partial(steps.proxy_step, model=model, ref_model=ref_model, tx=tx,
                               cfg=step_cfg), mesh,
             rules), in_shardings=(state_sh, ref_sh, batch_sh), out_shardings=(state_sh, repl),
         donate_argnums=(0,))
   else:
     trainer.step_fn = jax.jit(
-        _in_mesh(
-            functools.partial(steps.train_step, model=model, tx=tx, cfg=step_cfg), mesh, rules),
+        in_mesh(functools.partial(steps.train_step, model=model, tx=tx, cfg=step_cfg), mesh, rules),
         in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl), donate_argnums=(0,))
   trainer.eval_fn = jax.jit(
-      _in_mesh(functools.partial(steps.eval_step, model=model, cfg=step_cfg), mesh, rules),
+      in_mesh(functools.partial(steps.eval_step, model=model, cfg=step_cfg), mesh, rules),
       in_shardings=(param_sh, batch_sh), out_shardings=repl)
 
 

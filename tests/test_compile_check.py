@@ -188,3 +188,26 @@ def test_8b_on_v5e_2x2_does_not_fit(capsys):
   assert rc == 1, err
   assert "DOES NOT FIT" in out
   print(out)
+
+
+DECODE = [
+    "--gin_file=gin/runs/main.gin", "--gin_file=gin/models/tiny.gin",
+    "--gin.TASK_FEATURE_LENGTHS={'targets': 128}", "--gin.TRAIN_STEPS=10", "--gin.BATCH_SIZE=16",
+    "--num_domains=7", "--topology=v5e:2x2", "--step=decode"
+]
+
+
+def test_downstream_decoding_compiles_for_a_topology(capsys):
+  rc, out, err = _main(
+      DECODE + [
+          "--gin.train.downstream=@DownstreamConfig()", "--gin.DownstreamConfig.batch_size=8",
+          "--gin.DownstreamConfig.inputs_length=96", "--gin.DownstreamConfig.targets_length=16"
+      ], capsys)
+  assert rc == 0, err
+  assert "greedy decoding with a KV cache (8 prompts of 96 + 16 tokens) on v5e:2x2" in out
+  assert out.rstrip().endswith("FITS")
+
+
+def test_decode_step_needs_a_downstream_binding(capsys):
+  rc, _, err = _main(DECODE, capsys)
+  assert rc == 2 and "bind train.downstream = @DownstreamConfig()" in err

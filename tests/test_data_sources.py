@@ -173,7 +173,7 @@ def test_vocabularies_and_spm_training(tmp_path):
   with pytest.raises(FileNotFoundError, match="train_spm"):
     vocab.get_vocabulary(str(tmp_path / "nope.model"))
   from data_pipelines import train_spm  # pylint: disable=g-import-not-at-top
-  docs = [f"the quick brown fox {i} jumps over the lazy dog {i % 7}" for i in range(200)]
+  docs = [f"the quick brown fox {i}\n  jumps over the lazy dog {i % 7}\n" for i in range(200)]
   data_pipelines.register_domain_set(
       "spmset", {
           "a": sources.generator_source(lambda s: iter(docs[:100])),
@@ -185,3 +185,17 @@ def test_vocabularies_and_spm_training(tmp_path):
   ids = v.encode("the quick brown fox")
   assert ids and v.decode(ids) == "the quick brown fox"
   assert v.vocab_size <= 80
+  # Newlines and indentation survive, so one-shot prompts keep their lines and answers stop
+  # at the newline token (data_pipelines.downstream).
+  from data_pipelines import downstream  # pylint: disable=g-import-not-at-top
+  text = "the fox\n  jumps over\n\nthe dog"
+  assert v.decode(v.encode(text)) == text and downstream.keeps_newlines(v)
+  newline = downstream.stop_ids(v)[1]
+  assert downstream.stop_ids(v) == [1, newline] and v.decode([newline]) == "\n"
+
+
+def test_spm_training_chunks_keep_whole_lines():
+  from data_pipelines import train_spm  # pylint: disable=g-import-not-at-top
+  doc = "aaaa\nbb\ncccccccccc\nd\n"
+  assert list(train_spm.chunks(doc, 8)) == ["aaaa\nbb\n", "cccccccc", "cc\nd\n"]
+  assert "".join(train_spm.chunks(doc, 8)) == doc

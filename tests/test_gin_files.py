@@ -72,6 +72,13 @@ def test_run_files_build(run, capture, tmp_path):
     assert gin.query_parameter("evaluate.model_dir") is not None
     assert gin.query_parameter("evaluate.batch_size") == 16
     return
+  if run == "runs/downstream.gin":  # run end to end in test_downstream_eval.py
+    _parse([run], [f"MODEL_DIR='{tmp_path}'"])
+    assert gin.query_parameter("evaluate.perplexity") is False
+    assert gin.query_parameter("DownstreamConfig.suite") == "paper"
+    assert gin.query_parameter("DownstreamConfig.inputs_length") + gin.query_parameter(
+        "DownstreamConfig.targets_length") == 1024  # the paper's context
+    return
   bindings = [f"MODEL_DIR='{tmp_path / 'run'}'", "TRAIN_STEPS=3", f"TASK_FEATURE_LENGTHS={SEQ}"]
   if run == "runs/doremi.gin":
     gin.clear_config()  # the reference's run_info is built from the tiny config
@@ -228,11 +235,12 @@ def test_pipeline_scopes_resolve(capture, tmp_path, monkeypatch):
       _build(capture, model_dir=str(tmp_path / scope), mixture_or_task_name="demo_natural",
              **kwargs)
     cfg = capture["cfg"]
-    seen[scope] = (cfg.model, cfg.batch_size, cfg.train_steps)
+    seen[scope] = (cfg.model, cfg.batch_size, cfg.train_steps, cfg.downstream)
   for scope in ("reference", "proxy"):
     assert seen[scope][1:] == (gin.query_parameter(f"{scope}/train.batch_size"),
-                               gin.query_parameter(f"{scope}/train.train_steps"))
+                               gin.query_parameter(f"{scope}/train.train_steps"), None)
   assert seen["proxy"][1] == 14
+  assert seen["main"][3].suite == "demo" and seen["main"][3].every == 100  # main runs only
   assert seen["main"][0].emb_dim == gin.query_parameter("main/TransformerConfig.emb_dim")
   assert seen["main"][0].emb_dim != seen["reference"][0].emb_dim
   assert seen["reference"][0].emb_dim == 64  # tiny outside the main scope

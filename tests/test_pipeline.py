@@ -8,17 +8,36 @@ import pytest
 from tests import helpers
 
 
-def _run_pipeline(out_dir, *bindings):
-  """Runs the demo pipeline on one CPU device; fails the test if it exits with an error."""
-  cmd = [
+def _pipeline_cmd(out_dir, *bindings):
+  return [
       sys.executable, "-m", "doremi_jax.pipeline", "--gin_file=gin/pipelines/demo_cpu.gin",
       f"--gin.PIPELINE_DIR='{out_dir}'", "--gin.SEQ_LEN=32",
       "--gin.TASK_FEATURE_LENGTHS={'targets': 32}", "--gin.pipeline.main_steps=4",
       "--gin.pipeline.main_batch_size=8", "--gin.reference/train.train_steps=4",
       "--gin.proxy/train.train_steps=4", "--gin.main/train.eval_every=2",
-      "--gin.main/train.eval_batch_size=16", "--gin.main/train.eval_max_sequences=4", *bindings
+      "--gin.main/train.eval_batch_size=16", "--gin.main/train.eval_max_sequences=4",
+      "--gin.main/DownstreamConfig.max_examples=8", "--gin.main/DownstreamConfig.every=2",
+      "--gin.main/DownstreamConfig.batch_size=8", *bindings
   ]
-  helpers.run(cmd, env=helpers.child_env(devices=1), timeout=900)
+
+
+def _run_pipeline(out_dir, *bindings):
+  """Runs the demo pipeline on one CPU device; fails the test if it exits with an error."""
+  helpers.run(_pipeline_cmd(out_dir, *bindings), env=helpers.child_env(devices=1), timeout=900)
+
+
+def test_missing_downstream_data_stops_before_the_first_stage(tmp_path):
+  """Main runs on the paper's tasks without prepared TFDS data: one error naming the
+  `tfds build` commands, before the reference trains."""
+  out = tmp_path / "study"
+  env = {**helpers.child_env(devices=1), "TFDS_DATA_DIR": str(tmp_path / "no_tfds")}
+  proc = helpers.run(_pipeline_cmd(out, "--gin.main/DownstreamConfig.suite='paper'"), env=env,
+                     check=False)
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr
+  for name in ("trivia_qa/unfiltered.nocontext", "natural_questions_open", "web_questions",
+               "squad/v2.0", "lambada"):
+    assert f"tfds build {name}" in proc.stderr
+  assert not os.path.exists(out / "round1")
 
 
 @pytest.mark.slow
@@ -53,6 +72,18 @@ def test_pipeline_stops_when_converged(tmp_path):
   study = json.load(open(os.path.join(out, "study.json")))
   assert len(study["rounds"]) == 1 and study["converged"]
   assert set(study["mains"]) == {"doremi", "uniform"}
+  # The main runs answered the demo's downstream tasks at steps 2 and 4.
+  for main in study["mains"].values():
+    history = main["downstream"]
+    assert [h["step"] for h in history] == [2, 4]
+    assert set(history[-1]["tasks"]) == {"demo_unicode", "demo_cloze"}
+    assert history[-1]["examples"] == {"demo_unicode": 8, "demo_cloze": 8}
+  assert study["downstream"]["suite"] == "demo"
+  report = open(os.path.join(out, "report.md")).read()
+  assert "## Downstream: one-shot exact match" in report and "code point" in report
+  assert "plots/downstream_vs_steps.png" in report
+  summary = json.load(open(os.path.join(out, "summary.json")))
+  assert "delta_average" in summary["downstream"]["baselines"]["uniform"]
 
 
 def test_seeds_and_etas_pipeline(tmp_path):
@@ -74,6 +105,7 @@ def test_seeds_and_etas_pipeline(tmp_path):
   assert set(summary["etas"]) == {"1", "0.1"}
   stats = summary["etas"]["0.1"]["uniform"]["average"]
   assert stats["n"] == 2 and stats["sd"] is not None
+  assert summary["downstream"]["0.1"]["uniform"]["average"]["n"] == 2
   assert stats["verdict"] in ("better", "worse", "no significant difference")
   report = open(os.path.join(out, "report.md")).read()
   assert "## eta = 0.1" in report and "reports/seed1_eta0.1/report.md" in report

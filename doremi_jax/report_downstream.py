@@ -1,0 +1,161 @@
+"""The report's downstream section: one-shot exact match of each main model (downstream_eval).
+
+Exact match is in percent, higher is better. For each baseline: DoReMi minus baseline on
+the average over tasks and on each task, the tasks where DoReMi is higher, and the steps
+DoReMi's main model takes to reach the baseline's final average (the paper's "2.6x
+faster", here on this study's tasks). One seed gives provisional numbers; pipeline.seeds
+tests the differences over seeds (aggregate.py).
+"""
+import math
+from typing import Optional
+
+from matplotlib.figure import Figure
+
+from doremi_jax import curves
+
+DOREMI = curves.DOREMI
+
+
+def _final(history: list) -> dict:
+  last = history[-1]
+  return {
+      "step": last["step"],
+      "tasks": dict(last["tasks"]),
+      "average": last["average"],
+      "examples": last.get("examples", {})
+  }
+
+
+def _reach(history: list, target: float) -> Optional[float]:
+  """First step at which the average exact match is >= target (interpolated)."""
+  return curves.steps_to_reach([h["step"] for h in history], [h["average"] for h in history],
+                               target, higher_is_better=True)
+
+
+def _reach_status(history: list, target: float):
+  """(status, step): "reached" at a step, "never", or no measurement: "baseline_zero" (any
+  model reaches 0) or "one_evaluation" (a curve needs DownstreamConfig.every)."""
+  if not target > 0:
+    return "baseline_zero", None
+  if len(history) < 2:
+    return "one_evaluation", None
+  reach = _reach(history, target)
+  return ("never", None) if reach is None else ("reached", reach)
+
+
+REACH_TEXT = {
+    "baseline_zero": "- (the baseline scored 0)",
+    "one_evaluation": "- (one evaluation: set DownstreamConfig.every)",
+    "never": "never"
+}
+
+
+def compute(study: dict) -> Optional[dict]:
+  """{"tasks", "final": {run: ...}, "baselines": {name: ...}}; None without downstream runs."""
+  mains = study.get("mains", {})
+  histories = {n: m.get("downstream") for n, m in mains.items() if m.get("downstream")}
+  if not histories:
+    return None
+  finals = {n: _final(h) for n, h in histories.items()}
+  tasks = sorted({t for f in finals.values() for t in f["tasks"]})
+  total = study.get("equal_compute", {}).get("train_steps")
+  out = {
+      "tasks": tasks,
+      "suite": (study.get("downstream") or {}).get("suite"),
+      "final": finals,
+      "baselines": {}
+  }
+  if DOREMI not in finals:
+    return out
+  doremi = finals[DOREMI]
+  for name, base in finals.items():
+    if name == DOREMI:
+      continue
+    status, reach = _reach_status(histories[DOREMI], base["average"])
+    out["baselines"][name] = {
+        "delta_average":
+            doremi["average"] - base["average"],
+        "delta_tasks": {
+            t: doremi["tasks"][t] - base["tasks"][t]
+            for t in tasks
+            if t in doremi["tasks"] and t in base["tasks"]
+        },
+        "tasks_better":
+            sum(1 for t in tasks if doremi["tasks"].get(t, -1) > base["tasks"].get(t, math.inf)),
+        "num_tasks":
+            len(tasks),
+        "target_average":
+            base["average"],
+        "steps_to_reach":
+            reach,
+        "reach_status":
+            status,
+        "fraction_of_steps":
+            reach / total if reach is not None and total else None,
+        "speedup":
+            total / reach if reach and total else None
+    }
+  return out
+
+
+def _pct(x) -> str:
+  return f"{x:.1f}" if x is not None and math.isfinite(x) else "-"
+
+
+def section_md(study: dict, ds: Optional[dict], plot: Optional[str] = None) -> str:
+  """Markdown: the exact-match table, DoReMi against each baseline, and what the tasks are."""
+  if not ds:
+    return ""
+  names = list(ds["final"])
+  lines = ["## Downstream: one-shot exact match (%, higher is better, best in bold)", ""]
+  description = (study.get("downstream") or {}).get("description")
+  if description:
+    lines += [description, ""]
+  lines += [
+      "| task | " + " | ".join(f"`{n}`" for n in names) + " |", "|---" * (len(names) + 1) + "|"
+  ]
+  for task in ds["tasks"] + ["average"]:
+    vals = [(ds["final"][n]["average"] if task == "average" else ds["final"][n]["tasks"].get(task))
+            for n in names]
+    best = max((v for v in vals if v is not None), default=None)
+    cells = [f"**{_pct(v)}**" if v is not None and v == best else _pct(v) for v in vals]
+    label = "**average**" if task == "average" else task
+    examples = ds["final"][names[0]]["examples"].get(task)
+    label += f" ({examples} examples)" if examples else ""
+    lines.append(f"| {label} | " + " | ".join(cells) + " |")
+  if plot:
+    lines += ["", f"![downstream exact match against steps]({plot})"]
+  if ds["baselines"]:
+    lines += [
+        "", "DoReMi minus each baseline (points of exact match; one seed: provisional):", "",
+        "| baseline | average | tasks where DoReMi is higher | steps to reach the baseline's "
+        "final average |", "|---|---|---|---|"
+    ]
+    for name, b in ds["baselines"].items():
+      reach = REACH_TEXT.get(b["reach_status"])
+      if b["reach_status"] == "reached":
+        reach = f"{b['steps_to_reach']:.0f}"
+        if b["fraction_of_steps"] is not None:
+          reach += f" ({b['fraction_of_steps']:.0%} of the steps)"
+      lines.append(f"| `{name}` | {b['delta_average']:+.1f} | {b['tasks_better']}/"
+                   f"{b['num_tasks']} | {reach} |")
+  return "\n".join(lines)
+
+
+def plot_curves(study: dict, path: str) -> Optional[str]:
+  """Average exact match against steps, one line per main model."""
+  mains = {n: m["downstream"] for n, m in study.get("mains", {}).items() if m.get("downstream")}
+  if not mains:
+    return None
+  fig = Figure(figsize=(6, 4))
+  ax = fig.add_subplot()
+  for name, history in mains.items():
+    ax.plot([h["step"] for h in history], [h["average"] for h in history], marker="o", label=name,
+            linewidth=2.5 if name == DOREMI else 1.2)
+  ax.set_xlabel("step")
+  ax.set_ylabel("average exact match (%)")
+  ax.set_title("Downstream one-shot exact match")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  return path
