@@ -123,6 +123,7 @@ def section_md(study: dict, ds: Optional[dict], plot: Optional[str] = None) -> s
     examples = ds["final"][names[0]]["examples"].get(task)
     label += f" ({examples} examples)" if examples else ""
     lines.append(f"| {label} | " + " | ".join(cells) + " |")
+  lines += ["", _noise_note(ds)]
   if plot:
     lines += ["", f"![downstream exact match against steps]({plot})"]
   if ds["baselines"]:
@@ -140,6 +141,23 @@ def section_md(study: dict, ds: Optional[dict], plot: Optional[str] = None) -> s
       lines.append(f"| `{name}` | {b['delta_average']:+.1f} | {b['tasks_better']}/"
                    f"{b['num_tasks']} | {reach} |")
   return "\n".join(lines)
+
+
+FLOOR = 1.0  # points: below this average exact match, a model is at the floor
+
+
+def _noise_note(ds: dict) -> str:
+  """How large a difference one example makes, and whether every model is at the floor."""
+  counts = [n for f in ds["final"].values() for n in f["examples"].values() if n]
+  text = ""
+  if counts:
+    n = min(counts)
+    text = (f"One example is {100 / n:.2g} points of a task's exact match at {n} examples; "
+            "at p% the binomial standard error is sqrt(p (100 - p) / n) points.")
+  if all(f["average"] < FLOOR for f in ds["final"].values()):
+    text += (f" **Every main model is at the floor** (average exact match under {FLOOR:g} "
+             "point): at this scale these tasks do not separate the mixtures.")
+  return text.strip()
 
 
 def plot_curves(study: dict, path: str) -> Optional[str]:

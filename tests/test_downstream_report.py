@@ -68,6 +68,10 @@ def test_a_baseline_at_zero_has_no_steps_to_reach():
   assert natural["reach_status"] == "baseline_zero"
   md = report_downstream.section_md(study, report_downstream.compute(study))
   assert "| `natural` | +35.0 | 2/2 | - (the baseline scored 0) |" in md
+  assert "One example is 0.5 points" in md and "at the floor" not in md
+  study["mains"]["doremi"]["downstream"] = _history({1000: (0.5, 0.0)})
+  md = report_downstream.section_md(study, report_downstream.compute(study))
+  assert "**Every main model is at the floor**" in md
 
 
 def test_one_evaluation_has_no_steps_to_reach():

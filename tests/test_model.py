@@ -223,3 +223,53 @@ def test_num_params_matches_actual_count(overrides):
   cfg = dataclasses.replace(CFG, **overrides)
   params = nn.meta.unbox(_abstract_boxed(cfg))["params"]
   assert cfg.num_params() == sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+def _reference_forward(params, tokens, segments, positions, cfg):
+  """The model written out in numpy from its definition (float64): pre-norm RMSNorm, rotary
+  (half split), causal attention within segments (padding sees nothing), SwiGLU, tied output
+  scaled by 1/sqrt(D). Independent of model.py's code."""
+  p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+
+  def norm(x, scale):
+    return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + cfg.norm_eps) * scale
+
+  def rope(x):  # [L, H, K]
+    half = x.shape[-1] // 2
+    angle = positions[:, None, None] * cfg.rope_theta**(-np.arange(half) / half)
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate(
+        [x1 * np.cos(angle) - x2 * np.sin(angle), x2 * np.cos(angle) + x1 * np.sin(angle)], -1)
+
+  n = len(tokens)
+  visible = (
+      np.tril(np.ones(
+          (n, n), bool)) & (segments[:, None] == segments[None, :]) & (segments[:, None] != 0))
+  x = p["embedding"][tokens]
+  for i in range(cfg.num_layers):
+    layer = p[f"layer_{i}"]
+    h = norm(x, layer["attn_norm"]["scale"])
+    q, k, v = (np.einsum("ld,dhk->lhk", h, layer["attn"][w]) for w in ("query", "key", "value"))
+    scores = np.einsum("qhk,shk->hqs", rope(q), rope(k)) / np.sqrt(cfg.head_dim)
+    scores = np.where(visible[None], scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True, initial=-1e300))
+    probs = np.where(visible[None], probs, 0.0)
+    probs /= np.maximum(probs.sum(-1, keepdims=True), 1e-300)
+    x = x + np.einsum("hqs,shk,hkd->qd", probs, v, layer["attn"]["out"])
+    h = norm(x, layer["mlp_norm"]["scale"])
+    gate, up = h @ layer["mlp"]["wi_gate"]["kernel"], h @ layer["mlp"]["wi_up"]["kernel"]
+    x = x + (gate / (1 + np.exp(-gate)) * up) @ layer["mlp"]["wo"]["kernel"]
+  x = norm(x, p["final_norm"]["scale"])
+  return (x @ p["embedding"].T / np.sqrt(cfg.emb_dim))[:, :cfg.vocab_size]
+
+
+def test_forward_equals_a_numpy_reference():
+  """Pins the training forward (decode=False) to the model's definition, so a change to the
+  attention or the blocks (such as the decoding path sharing them) cannot go unnoticed."""
+  batch = _row([5, 7, 4])  # three packed examples, then padding
+  params = _params()
+  logits = np.asarray(_logits(batch, params=params))[0, :, :CFG.vocab_size]
+  expected = _reference_forward(params, batch["inputs"][0], batch["segment_ids"][0],
+                                batch["positions"][0].astype(np.float64), CFG)
+  real = batch["segment_ids"][0] != 0
+  np.testing.assert_allclose(logits[real], expected[real], rtol=2e-4, atol=2e-4)
