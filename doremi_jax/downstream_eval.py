@@ -25,6 +25,7 @@ from doremi_jax import outputs
 
 SUITES = ("paper", "demo")
 METRIC = "exact_match"
+NUM_SAMPLES = 4  # generations kept per task in each result, to read what the model says
 
 
 @gin.configurable
@@ -142,6 +143,7 @@ class DownstreamEvaluator:
         short_name(t): sum(1 for _ in ev.cached_task_datasets[t])
         for t, ev in self.evaluators.items()
     }
+    self.vocabulary = vocabulary
 
   def _predict_fn(self, params):
     """seqio's predict_fn: (index, features) examples -> [(index, decoded token ids)]."""
@@ -159,20 +161,30 @@ class DownstreamEvaluator:
 
   def evaluate(self, params, step: Optional[int] = None) -> dict:
     """{"tasks": {task: exact match %}, "average", "examples": {task: n}, "metrics": {task:
-    every metric the task reports (SQuADv2: also with and without an answer)}}."""
-    metrics = {}
+    every metric the task reports (SQuADv2: also with and without an answer)}, "samples":
+    {task: the first NUM_SAMPLES generations, decoded}}."""
+    metrics, samples = {}, {}
     predict = self._predict_fn(params)
     for task, ev in self.evaluators.items():
-      result, _ = ev.evaluate(compute_metrics=True, step=step, predict_fn=predict)
+      result, outputs_by_type = ev.evaluate(compute_metrics=True, step=step, predict_fn=predict)
       metrics[short_name(task)] = {
           k: float(getattr(v, "value", v)) for k, v in result.result()[task].items()
       }
+      predictions = next(iter(outputs_by_type[task].values()))
+      samples[short_name(task)] = [
+          self.vocabulary.decode(list(p)) for p in predictions[:NUM_SAMPLES]
+      ]
+    missing = [t for t, m in metrics.items() if METRIC not in m]
+    if missing:
+      raise ValueError(f"tasks {missing} report no {METRIC!r} metric (they report "
+                       f"{metrics[missing[0]]}); give them data_pipelines.downstream.exact_match.")
     scores = {t: m[METRIC] for t, m in metrics.items()}
     result = {
         "tasks": scores,
         "average": float(np.mean(list(scores.values()))),
         "examples": dict(self.examples),
-        "metrics": metrics
+        "metrics": metrics,
+        "samples": samples
     }
     logging.info("downstream exact match at step %s: %s", step, result["tasks"])
     return result

@@ -119,7 +119,7 @@ def test_missing_tfds_dataset_fails_before_compute(tmp_path):
 def _evaluate_cmd(model_dir, *bindings):
   return [
       sys.executable, "-m", "doremi_jax.evaluate", "--gin_file=runs/downstream.gin",
-      f"--gin.MODEL_DIR='{model_dir}'", "--gin.MESH_SHAPE=(1, 1, 1)", *bindings
+      f"--gin.MODEL_DIR='{model_dir}'", "--gin.evaluate.mesh_shape=(1, 1, 1)", *bindings
   ]
 
 

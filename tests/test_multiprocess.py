@@ -8,6 +8,7 @@ wait; the launcher names the process that failed.
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -217,3 +218,25 @@ def test_process_env_replaces_the_device_count():
   assert env["XLA_FLAGS"] == "--foo --xla_force_host_platform_device_count=4"
   assert (env["DOREMI_PROCESS_ID"], env["DOREMI_NUM_PROCESSES"], env["DOREMI_COORDINATOR_ADDRESS"],
           env["JAX_PLATFORMS"]) == ("1", "2", "127.0.0.1:5", "cpu")
+
+
+def test_downstream_two_processes_equal_one_process(reference_dir, tmp_path):
+  """Downstream evaluation of one checkpoint as 2 processes x 4 devices and as 1 x 8, on a
+  (2, 2, 2) mesh: the same generations and exact match, written once."""
+  results = {}
+  for name, launch in (("one", []),
+                       ("two", [LAUNCHER, "--num_processes=2", "--devices_per_process=4", "--"])):
+    model_dir = tmp_path / name
+    shutil.copytree(reference_dir, model_dir)
+    helpers.run([
+        sys.executable, *launch, "-m", "doremi_jax.evaluate", "--gin_file=gin/runs/downstream.gin",
+        f"--gin.MODEL_DIR='{model_dir}'", f"--gin.evaluate.mesh_shape={MESH}",
+        "--gin.DownstreamConfig.suite='demo'", "--gin.DownstreamConfig.max_examples=4",
+        "--gin.DownstreamConfig.batch_size=4", "--gin.DownstreamConfig.inputs_length=112",
+        "--gin.DownstreamConfig.targets_length=16"
+    ])
+    with open(model_dir / "downstream.json") as f:
+      results[name] = json.load(f)
+  one, two = results["one"], results["two"]
+  assert one["samples"] == two["samples"] and len(one["samples"]["demo_unicode"]) == 4
+  assert one["tasks"] == two["tasks"] and one["step"] == two["step"] == 3
