@@ -181,14 +181,16 @@ def keeps_newlines(vocabulary: Optional[seqio.Vocabulary] = None) -> bool:
   return vocabulary.decode(list(vocabulary.encode(text))) == text
 
 
-def stop_ids(vocabulary: Optional[seqio.Vocabulary] = None) -> list[int]:
-  """Token ids that end a generated answer: EOS, and the token of "\n" when the vocabulary
-  has one (bytes; SentencePiece with "\n" as a piece, after its word-boundary piece)."""
+def stop_ids(vocabulary: Optional[seqio.Vocabulary] = None, stops: str = STOP_STRING) -> list[int]:
+  """Token ids that end a generated answer: EOS, and the token of each character of `stops`
+  that the vocabulary has (bytes; SentencePiece with "\n" as a piece, after its word-boundary
+  piece)."""
   vocabulary = vocab_lib.get_vocabulary(vocabulary)
   out = [int(vocabulary.eos_id)]
-  for i in vocabulary.encode(STOP_STRING):
-    if vocabulary.decode([int(i)]) == STOP_STRING and int(i) not in out:
-      out.append(int(i))
+  for char in stops:
+    for i in vocabulary.encode(char):
+      if vocabulary.decode([int(i)]) == char and int(i) not in out:
+        out.append(int(i))
   return out
 
 
@@ -209,6 +211,7 @@ class Benchmark:
     group_field: the shot's value of this field must differ from the example's.
     target_prefix: prepended to a non-empty target (the separator after the prompt).
     postprocess_fn: the Task's postprocessor.
+    stops: characters that end a generated answer (decoding stops at their tokens).
     tfds_name, eval_split, shot_split: the prepared TFDS dataset (None: not a TFDS task).
   """
   key: str
@@ -219,6 +222,7 @@ class Benchmark:
   group_field: Optional[str] = None
   target_prefix: str = " "
   postprocess_fn: Callable[..., Any] = postprocess_answer
+  stops: str = STOP_STRING
   tfds_name: Optional[str] = None
   eval_split: Optional[str] = None
   shot_split: Optional[str] = None
@@ -550,6 +554,14 @@ def output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:
   }
 
 
+_TASK_STOPS: dict[str, str] = {}  # task name -> its benchmark's stop characters
+
+
+def task_stops(task_name: str) -> str:
+  """The characters that end a registered one-shot task's answers (default: newline)."""
+  return _TASK_STOPS.get(task_name, STOP_STRING)
+
+
 def register_one_shot_task(name: str, source: seqio.DataSource, *, benchmark: Union[str, Benchmark],
                            pool_fn: Callable[[], Mapping[str, Sequence[str]]],
                            vocabulary: Optional[seqio.Vocabulary] = None,
@@ -559,6 +571,7 @@ def register_one_shot_task(name: str, source: seqio.DataSource, *, benchmark: Un
   check_prompt(prompt or bm.prompt, bm)
   seqio.TaskRegistry.remove(name)
   _TASK_TFDS.pop(name, None)
+  _TASK_STOPS[name] = bm.stops
   return seqio.TaskRegistry.add(
       name, source=source, preprocessors=[
           functools.partial(one_shot_prompt, benchmark=bm, pool_fn=pool_fn, prompt=prompt),

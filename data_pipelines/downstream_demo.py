@@ -85,7 +85,7 @@ def _fields(ex):
 
 
 UNICODE = downstream.Benchmark("demo_unicode", _fields, UNICODE_PROMPT, target_prefix="",
-                               postprocess_fn=postprocess_field)
+                               postprocess_fn=postprocess_field, stops="\t\n")
 CLOZE = downstream.Benchmark("demo_cloze", _fields, CLOZE_PROMPT, prompt_fields=("passage",),
                              key_field="passage", group_field="doc",
                              postprocess_fn=downstream.postprocess_word)

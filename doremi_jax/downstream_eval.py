@@ -122,7 +122,9 @@ class DownstreamEvaluator:
     self.decoder = decoding.Decoder(model_cfg, mesh, batch_size=cfg.batch_size,
                                     max_prompt_len=cfg.inputs_length + 1,
                                     max_decode_len=cfg.targets_length)
-    self.stop_ids = downstream.stop_ids(vocabulary)
+    self.stop_ids = {
+        t: downstream.stop_ids(vocabulary, downstream.task_stops(t)) for t in self.tasks
+    }
     if not downstream.keeps_newlines(vocabulary):
       logging.warning(
           "the vocabulary turns newlines into spaces: one-shot prompts lose their line "
@@ -145,7 +147,7 @@ class DownstreamEvaluator:
     }
     self.vocabulary = vocabulary
 
-  def _predict_fn(self, params):
+  def _predict_fn(self, params, task: str):
     """seqio's predict_fn: (index, features) examples -> [(index, decoded token ids)]."""
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
@@ -154,7 +156,7 @@ class DownstreamEvaluator:
       for index, ex in tfds.as_numpy(dataset):
         prompts.append(prompt_tokens(ex))
         indices.append(int(index))
-      tokens = self.decoder.decode(params, prompts, stop_ids=self.stop_ids)
+      tokens = self.decoder.decode(params, prompts, stop_ids=self.stop_ids[task])
       return [(i, row.tolist()) for i, row in zip(indices, tokens)]
 
     return predict
@@ -164,9 +166,9 @@ class DownstreamEvaluator:
     every metric the task reports (SQuADv2: also with and without an answer)}, "samples":
     {task: the first NUM_SAMPLES generations, decoded}}."""
     metrics, samples = {}, {}
-    predict = self._predict_fn(params)
     for task, ev in self.evaluators.items():
-      result, outputs_by_type = ev.evaluate(compute_metrics=True, step=step, predict_fn=predict)
+      result, outputs_by_type = ev.evaluate(compute_metrics=True, step=step,
+                                            predict_fn=self._predict_fn(params, task))
       metrics[short_name(task)] = {
           k: float(getattr(v, "value", v)) for k, v in result.result()[task].items()
       }

@@ -59,6 +59,10 @@ def test_postprocessors():
 
 def test_stop_ids():
   assert downstream.stop_ids() == [1, 13]  # bytes: EOS and "\n" (byte 10 + 3 special ids)
+  # The demo's code-point names end at a tab, as in the corpus's rows.
+  assert downstream.task_stops("downstream_demo_unicode") == "\t\n"
+  assert downstream.stop_ids(stops=downstream.task_stops("downstream_demo_unicode")) == [1, 12, 13]
+  assert downstream.task_stops("downstream_triviaqa") == "\n"
 
   class WordBoundaryThenNewline(seqio.ByteVocabulary):  # as SentencePiece: "▁", "\n"
 

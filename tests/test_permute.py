@@ -26,8 +26,8 @@ def test_pointwise_equals_whole_and_keys_differ():
 def test_close_to_uniform():
   """Where position 0 lands, over many keys: every slot about equally often."""
   n, trials = 8, 8000
-  slots = np.array([permute.permute(np.array([0]), n, permute.permutation_key(k))[0]
-                    for k in range(trials)])
+  slots = np.array(
+      [permute.permute(np.array([0]), n, permute.permutation_key(k))[0] for k in range(trials)])
   counts = np.bincount(slots, minlength=n)
   assert np.abs(counts / (trials / n) - 1).max() < 0.15, counts
 
