@@ -50,6 +50,22 @@ def train_args(model_dir, steps: int, *, reference=None, extra=()) -> list:
   ]
 
 
+def train_cli_error(argv) -> str:
+  """The error message with which `doremi_jax.train`'s entry point exits (run in this process
+  on these flags, with a clean gin config before and after); fails the test if it succeeds."""
+  import gin  # pylint: disable=g-import-not-at-top
+  from doremi_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from doremi_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  gin.clear_config()
+  try:
+    with pytest.raises(SystemExit) as e:
+      config_lib.run_main(train_lib.train, list(argv))
+  finally:
+    gin.clear_config()
+  assert e.value.code not in (0, None)
+  return str(e.value.code)
+
+
 def _text(output) -> str:
   """A child's captured output as text (TimeoutExpired may hold bytes or None)."""
   if isinstance(output, bytes):

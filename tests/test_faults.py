@@ -16,9 +16,7 @@ import numpy as np
 import pytest
 
 from doremi_jax import checkpoint
-from doremi_jax import config as config_lib
 from doremi_jax import outputs
-from doremi_jax import train as train_lib
 from tests import helpers
 
 STEPS = 40
@@ -171,14 +169,7 @@ def _run_main_error(model_dir, *bindings) -> str:
       a for a in helpers.train_args(model_dir, STEPS)[2:] if not a.startswith("--gin.MODEL_DIR")
   ]
   argv += [*FLAGS, f"--gin.MODEL_DIR='{model_dir}'", *(f"--gin.{b}" for b in bindings)]
-  gin.clear_config()
-  try:
-    with pytest.raises(SystemExit) as e:
-      config_lib.run_main(train_lib.train, argv)
-  finally:
-    gin.clear_config()
-  assert e.value.code not in (0, None)
-  return str(e.value.code)
+  return helpers.train_cli_error(argv)
 
 
 @pytest.mark.parametrize("value", ["-1", "'20'"])
