@@ -374,7 +374,7 @@ FAKE_DIR/state.json:
   tpu_next         states the next describes go through (the last one stays)
   qr_next          states the queued resource goes through after create
   accel, workers   the slice's accelerator type and worker count
-  create_sleep     seconds a create takes
+  create_sleep     seconds a tpu-vm create takes (FAKE_DIR/creating exists while it runs)
   auth_error       describe fails with an auth error
 
 A worker is FAKE_DIR/workers/wN (its HOME): ssh runs `bash -c COMMAND` there with
@@ -541,7 +541,9 @@ def main(args):
     shutil.copy(args[2], dest)
     return 0
   state = _locked(lambda s: s)
-  if args[2] == "create" and state.get("create_sleep"):
+  words = [a for a in args if not a.startswith("-")]
+  if words[:4] == ["compute", "tpus", "tpu-vm", "create"] and state.get("create_sleep"):
+    open(os.path.join(FAKE, "creating"), "w").close()  # the test's signal: create under way
     time.sleep(state["create_sleep"])
   if args[:4] == ["compute", "tpus", "tpu-vm", "ssh"]:
     return _ssh(args, state["workers"])
@@ -888,12 +890,14 @@ def test_ctrl_c_during_create_deletes_the_slice(fake, tmp_path):
   f = fake(accel="v4-8", workers=1, create_sleep=30)
   with open(tmp_path / "out.log", "w") as log:
     proc = f.start(*SINGLE, log=log)
-    f.wait_for(lambda: "create" in f.verbs(), "the create call")
+    # The fake's own marker, not the call log: the signal must land inside the create.
+    f.wait_for((f.dir / "creating").exists, "the create call")
     t0 = time.time()
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=20) == 130
     assert time.time() - t0 < 15  # at once, not after the create
   assert f.verbs()[-1] == "delete"
+  assert not [v for v in f.verbs() if v.startswith("ssh")], "the slice was used, not deleted"
 
 
 def test_reused_slice_is_kept_on_ctrl_c_without_delete(fake, tmp_path):
