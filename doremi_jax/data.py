@@ -246,7 +246,10 @@ class BatchIterator:
 
   sampling: "mixture" (mixture_rates, default packed.mixture_rates), "uniform"
   (iid uniform over domains), "stratified" (each domain B//K rows, the
-  remainder B%K rotating with the step), or an explicit {domain: weight}.
+  remainder B%K rotating with the step), an explicit {domain: weight}, or weights that
+  change with the step: any object with probs(step) -> [K] probabilities in pool order
+  (a resolved schedule.MixtureSchedule, or OnlineWeights fed by the train loop). Rows are
+  drawn iid from the weights in force at the step in every case but stratified.
   """
 
   def __init__(self, packed: PackedDomains, *, global_batch_size: int, seed: int,
@@ -272,7 +275,13 @@ class BatchIterator:
                          "or remove the domain from the set.")
     k = len(self.pools)
     self.sampling = sampling if isinstance(sampling, str) else "weights"
-    if packed.mixed:
+    self.schedule = None
+    if hasattr(sampling, "probs"):
+      self.sampling, self.schedule, self.probs = "scheduled", sampling, None
+      if packed.mixed:
+        raise ValueError("Weights that change during a run need sequences packed within a "
+                         "domain: set pack_across_domains=False.")
+    elif packed.mixed:
       # Rows mix domains in their natural proportions: no per-domain sampling is possible.
       if sampling != "mixture" or mixture_rates is not None:
         raise ValueError(
@@ -332,7 +341,23 @@ class BatchIterator:
       counts[(step * r + np.arange(r)) % k] += 1
       assign = np.repeat(np.arange(k), counts)
       return assign[rng.permutation(b)]
-    return rng.choice(k, size=b, p=self.probs)
+    return rng.choice(k, size=b, p=self.weights_at(step))
+
+  def follow(self, source) -> None:
+    """From now on, draw every step from source.probs(step) (OnlineWeights)."""
+    if self.packed.mixed or self.sampling == "stratified":
+      raise ValueError(f"sampling={self.sampling!r} cannot follow online weights: start an "
+                       f"online run from 'mixture', 'uniform' or a {{domain: weight}} dict.")
+    self.sampling, self.schedule = "scheduled", source
+
+  def weights_at(self, step: int) -> np.ndarray:
+    """The sampling probabilities in force at `step`, in pool order (stratified: the
+    expected fractions)."""
+    if self.schedule is not None:
+      return self.schedule.probs(step)
+    if self.probs is None:  # stratified
+      return np.full(len(self.pools), 1.0 / len(self.pools))
+    return self.probs
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     return self
@@ -368,6 +393,33 @@ class BatchIterator:
         out[k][rows] = got[k]
     self._step += 1
     return _finish(out)
+
+
+class OnlineWeights:
+  """Sampling weights that the train loop learns as it goes (mixing.py): step -> [K].
+
+  The loop sets each step's weights before its batch is drawn (one step late, from the
+  metrics it reads); drawing a step whose weights were not set is an error, never a guess.
+  """
+
+  def __init__(self, num_domains: int):
+    self.num_domains = num_domains
+    self._by_step = {}
+
+  def set(self, step: int, weights_K) -> None:
+    w = np.asarray(weights_K, np.float64)
+    if w.shape != (self.num_domains,) or not np.all(np.isfinite(w)) or w.min() < 0:
+      raise ValueError(f"online weights for step {step} are not {self.num_domains} finite "
+                       f"non-negative numbers: {w}")
+    self._by_step[int(step)] = w / w.sum()
+    for old in [s for s in self._by_step if s < step - 2]:
+      del self._by_step[old]
+
+  def probs(self, step: int) -> np.ndarray:
+    if step not in self._by_step:
+      raise RuntimeError(f"online sampling weights for step {step} are not known yet (known: "
+                         f"{sorted(self._by_step)}); the loop sets them from the state.")
+    return self._by_step[step]
 
 
 def eval_batches(packed_validation: PackedDomains, batch_size: int, process_index: int = 0,

@@ -16,8 +16,10 @@ from doremi_jax import data as data_lib
 from doremi_jax import doremi as doremi_lib
 from doremi_jax import downstream_eval
 from doremi_jax import evaluation
+from doremi_jax import mixing
 from doremi_jax import optim
 from doremi_jax import outputs
+from doremi_jax import schedule as schedule_lib
 from doremi_jax import sharding as sharding_lib
 from doremi_jax import steps as steps_lib
 from doremi_jax import trainer as trainer_lib
@@ -44,9 +46,12 @@ class RunConfig:
   reference_dir: Optional[str] = None  # the frozen reference run's MODEL_DIR (DoReMi)
   random_seed: int = 0  # parameters and the input's sampling
   mesh_shape: Sequence[int] = DEFAULT_MESH_SHAPE  # (data, fsdp, model); one -1 fills
-  # Batches: "mixture" (the mixture's rates), "uniform", "stratified" or {domain: weight};
-  # DoReMi runs use doremi.sampling.
-  sampling: Union[str, Mapping[str, float]] = "mixture"
+  # Batches: "mixture" (the mixture's rates), "uniform", "stratified", {domain: weight}, or a
+  # schedule.MixtureSchedule (weights that change with the step); DoReMi runs use
+  # doremi.sampling; online runs start from these weights (not stratified, not a schedule).
+  sampling: Union[str, Mapping[str, float], schedule_lib.MixtureSchedule] = "mixture"
+  # A main run that updates its own sampling weights (online DoReMi with reference_dir, ODM).
+  online: Optional[mixing.OnlineConfig] = None
   accum_steps: int = 1  # microbatches per step (gradient accumulation)
   z_loss: float = 0.0  # weight of the log-partition penalty
   log_every: int = 10  # steps between metrics lines
@@ -67,7 +72,13 @@ class RunConfig:
 
   @property
   def kind(self) -> str:
+    if self.online is not None:
+      return f"online_{self.online.method}"
     return "doremi" if self.doremi is not None else "train"
+
+  @property
+  def needs_reference(self) -> bool:
+    return self.doremi is not None or (self.online is not None and self.online.needs_reference)
 
 
 @dataclasses.dataclass
@@ -114,15 +125,38 @@ def validate(cfg: RunConfig, *, abstract: bool = False) -> None:
                      f"count.")
   if cfg.downstream is not None:
     cfg.downstream.validate()
-  if cfg.doremi is None:
+  _validate_mixing(cfg)
+  if not cfg.needs_reference:
     return
-  cfg.doremi.validate()
   if not abstract and (not isinstance(cfg.reference_dir, str) or not cfg.reference_dir):
-    raise ValueError("REFERENCE_DIR is not set: point train.reference_dir at the reference "
-                     "run's MODEL_DIR (--gin.REFERENCE_DIR=\"'...'\").")
+    raise ValueError(f"REFERENCE_DIR is not set: {_reference_user(cfg)} needs a frozen "
+                     f"reference; point train.reference_dir at the reference run's MODEL_DIR "
+                     f"(--gin.REFERENCE_DIR=\"'...'\").")
   if not abstract and os.path.abspath(cfg.reference_dir) == os.path.abspath(cfg.model_dir):
-    raise ValueError(f"MODEL_DIR and REFERENCE_DIR are both {cfg.model_dir}: a DoReMi run "
-                     f"needs its own MODEL_DIR next to the finished reference run.")
+    raise ValueError(f"MODEL_DIR and REFERENCE_DIR are both {cfg.model_dir}: "
+                     f"{_reference_user(cfg)} needs its own MODEL_DIR next to the finished "
+                     f"reference run.")
+
+
+def _reference_user(cfg: RunConfig) -> str:
+  return "online DoReMi (OnlineMixing.method='doremi')" if cfg.online else "a DoReMi run"
+
+
+def _validate_mixing(cfg: RunConfig) -> None:
+  """DoReMi, online and schedule settings that cannot work together or alone."""
+  if cfg.doremi is not None:
+    cfg.doremi.validate()
+  if cfg.online is None:
+    return
+  if cfg.doremi is not None:
+    raise ValueError("train.doremi and train.online are both set: a DoReMi proxy run "
+                     "reweights its loss from uniform batches, an online run resamples its "
+                     "own batches; choose one.")
+  cfg.online.validate()
+  if isinstance(cfg.sampling, schedule_lib.MixtureSchedule) or cfg.sampling == "stratified":
+    raise ValueError(f"train.sampling={cfg.sampling!r} with train.online: an online run draws "
+                     f"iid rows from the weights it learns; start it from 'mixture', "
+                     f"'uniform' or a {{domain: weight}} dict.")
 
 
 def sequence_length(task_feature_lengths: Mapping[str, int]) -> int:
@@ -217,12 +251,18 @@ def open_domains(cfg: RunConfig, split: str, *, process_index: int):
 
 
 def build_input(cfg: RunConfig, *, process_index: int, process_count: int):
-  """The training batches of this host."""
+  """The training batches of this host. An online run's iterator starts on its initial
+  weights and then follows data.OnlineWeights, which the train loop feeds."""
   sampling = cfg.doremi.sampling if cfg.doremi is not None else cfg.sampling
-  return data_lib.BatchIterator(
-      open_domains(cfg, "train", process_index=process_index), global_batch_size=cfg.batch_size,
-      seed=cfg.random_seed, sampling=sampling, process_index=process_index,
-      process_count=process_count)
+  packed = open_domains(cfg, "train", process_index=process_index)
+  if isinstance(sampling, schedule_lib.MixtureSchedule):
+    sampling = sampling.resolve(packed.names, train_steps=cfg.train_steps)
+  batches = data_lib.BatchIterator(packed, global_batch_size=cfg.batch_size, seed=cfg.random_seed,
+                                   sampling=sampling, process_index=process_index,
+                                   process_count=process_count)
+  if cfg.online is not None:
+    batches.follow(data_lib.OnlineWeights(len(packed.names)))
+  return batches
 
 
 def build_run(cfg: RunConfig, *, devices=None, num_processes: Optional[int] = None,
@@ -249,12 +289,17 @@ def build_run(cfg: RunConfig, *, devices=None, num_processes: Optional[int] = No
     _check_vocabulary(cfg.model, info["vocabulary"])
     ckpt_lib.check_run_info(cfg.model_dir, info)
     _check_packing(cfg)
-  if cfg.doremi is not None and ref_model_cfg is None:
+  if cfg.online is not None:
+    cfg.online.validate(len(domains))
+  if not abstract and isinstance(cfg.sampling, schedule_lib.MixtureSchedule):
+    cfg.sampling.resolve(domains, train_steps=cfg.train_steps)  # bad stages fail before compute
+  if cfg.needs_reference and ref_model_cfg is None:
     ref_model_cfg = cfg.model if abstract else reference_model(cfg.reference_dir, info)
   mesh = sharding_lib.make_mesh(cfg.mesh_shape, devices=devices)
   _check_eval_batch(cfg, mesh, num_processes)
   step_cfg = steps_lib.StepConfig(
-      num_domains=len(domains), accum_steps=cfg.accum_steps, z_loss=cfg.z_loss, doremi=cfg.doremi)
+      num_domains=len(domains), accum_steps=cfg.accum_steps, z_loss=cfg.z_loss, doremi=cfg.doremi,
+      online=cfg.online)
   trainer = trainer_lib.build_trainer(model_cfg=cfg.model, mesh=mesh,
                                       global_batch_size=cfg.batch_size, seq_len=cfg.seq_len,
                                       total_steps=cfg.train_steps, step_cfg=step_cfg,

@@ -5,6 +5,7 @@ from flax import struct
 import jax.numpy as jnp
 
 from doremi_jax import doremi as doremi_lib
+from doremi_jax import mixing as mixing_lib
 
 
 @struct.dataclass
@@ -13,3 +14,4 @@ class TrainState:
   params: Any
   opt_state: Any
   doremi: Optional[doremi_lib.DoReMiState] = None  # only in DoReMi (proxy) runs
+  mixing: Optional[mixing_lib.MixingState] = None  # only in online-mixing main runs

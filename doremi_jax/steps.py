@@ -1,4 +1,4 @@
-"""Pure steps: train_step, proxy_step (DoReMi) and eval_step.
+"""Pure steps: train_step, proxy_step (DoReMi), online_step (online mixing) and eval_step.
 
 Each is a module-level function of (state, [ref_params,] batch) with its static settings
 bound by functools.partial; train.py jits them once with explicit shardings and donation.
@@ -15,6 +15,7 @@ import optax
 
 from doremi_jax import doremi
 from doremi_jax import losses
+from doremi_jax import mixing
 from doremi_jax.doremi import DoReMiConfig
 from doremi_jax.model import output_logits
 from doremi_jax.state import TrainState
@@ -27,6 +28,7 @@ class StepConfig:
   accum_steps: int = 1
   z_loss: float = 0.0
   doremi: Optional[DoReMiConfig] = None  # proxy runs: eta, smoothing, objective
+  online: Optional[mixing.OnlineConfig] = None  # main runs that update their own weights
 
 
 def _forward(model: nn.Module, params, batch, z_loss: float):
@@ -75,29 +77,35 @@ def _zeros_like_params(params):
   return jax.tree.map(jnp.zeros_like, params)
 
 
-def train_step(state: TrainState, batch, *, model, tx, cfg: StepConfig):
-  """One optimizer step on the mean token loss of the global batch (reference and main runs).
+def _main_grads(state: TrainState, batch, *, model, cfg: StepConfig, extra=None):
+  """Gradient of the mean token loss of the global batch, with per-domain sums.
 
   With accumulation the gradient is the sum of microbatch gradients of the summed loss,
-  divided by the global token count: exactly the full-batch gradient.
+  divided by the global token count: exactly the full-batch gradient. extra(mb, ce, mask)
+  adds more per-domain sums (a [K] array, summed over microbatches).
   """
   num_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+  k = cfg.num_domains
 
   def micro(mb):
 
     def loss_fn(params):
       ce, loss, mask = _forward(model, params, mb, cfg.z_loss)
-      dom_sums, dom_counts = doremi.per_domain_sums(ce, mb["domain_ids"], mask, cfg.num_domains)
-      return jnp.sum(loss) / num_tokens, (jnp.sum(ce), dom_sums, dom_counts)
+      dom_sums, dom_counts = doremi.per_domain_sums(ce, mb["domain_ids"], mask, k)
+      more = jnp.zeros(k) if extra is None else extra(mb, jax.lax.stop_gradient(ce), mask)
+      return jnp.sum(loss) / num_tokens, (jnp.sum(ce), dom_sums, dom_counts, more)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     return grads, loss, aux
 
-  k = cfg.num_domains
-  init = (_zeros_like_params(state.params), 0.0, (0.0, jnp.zeros(k), jnp.zeros(k)))
-  grads, loss, (ce_sum, dom_sums, dom_counts) = _accumulate(micro, batch, cfg.accum_steps, init)
-  new_state = _apply_update(state, grads, tx)
-  metrics = {
+  init = (_zeros_like_params(state.params), 0.0, (0.0, jnp.zeros(k), jnp.zeros(k), jnp.zeros(k)))
+  grads, loss, aux = _accumulate(micro, batch, cfg.accum_steps, init)
+  return grads, loss, num_tokens, aux
+
+
+def _main_metrics(loss, grads, num_tokens, aux):
+  ce_sum, dom_sums, dom_counts, _ = aux
+  return {
       "loss": loss,
       "ce_loss": ce_sum / num_tokens,
       "grad_norm": optax.global_norm(grads),
@@ -105,7 +113,47 @@ def train_step(state: TrainState, batch, *, model, tx, cfg: StepConfig):
       "domain_loss_sums": dom_sums,
       "domain_token_counts": dom_counts
   }
-  return new_state, metrics
+
+
+def train_step(state: TrainState, batch, *, model, tx, cfg: StepConfig):
+  """One optimizer step on the mean token loss of the global batch (reference and main runs)."""
+  grads, loss, num_tokens, aux = _main_grads(state, batch, model=model, cfg=cfg)
+  return _apply_update(state, grads, tx), _main_metrics(loss, grads, num_tokens, aux)
+
+
+def online_step(state: TrainState, ref_params, batch, *, model, ref_model, tx, cfg: StepConfig):
+  """A main-run step that also updates the run's own sampling weights (mixing.py).
+
+  The parameters take exactly train_step's update (the batch, drawn from the weights in
+  force, is the objective: resampling). Online DoReMi adds a reference forward for the
+  per-domain clipped excess; ODM needs none (ref_params is None).
+  """
+  k, online = cfg.num_domains, cfg.online
+  extra = None
+  if online.needs_reference:
+
+    def extra(mb, ce, mask):
+      ref_ce, _, _ = _forward(ref_model, ref_params, mb, 0.0)
+      excess = doremi.clipped_excess(ce, jax.lax.stop_gradient(ref_ce), mask)
+      return doremi.per_domain_sums(excess, mb["domain_ids"], mask, k)[0]
+
+  grads, loss, num_tokens, aux = _main_grads(state, batch, model=model, cfg=cfg, extra=extra)
+  _, dom_sums, dom_counts, excess_sums = aux
+  new_mixing = mixing.step(state.mixing, online, loss_sums_K=dom_sums, counts_K=dom_counts,
+                           rows_K=mixing.rows_per_domain(batch["domain_ids"], k),
+                           excess_sums_K=excess_sums)
+  metrics = _main_metrics(loss, grads, num_tokens, aux)
+  metrics.update(sampling_weights=state.mixing.pending_K, next_sampling_weights=new_mixing.next_K)
+  if online.needs_reference:
+    present = dom_counts > 0
+    metrics.update(domain_excess=new_mixing.method.lambda_K,
+                   excess_all_zero=jnp.all(jnp.where(present, excess_sums == 0, True)))
+  return _apply_update(state, grads, tx, mixing=new_mixing), metrics
+
+
+def online_step_without_reference(state: TrainState, batch, *, model, tx, cfg: StepConfig):
+  """online_step for methods that need no reference (ODM): (state, batch)."""
+  return online_step(state, None, batch, model=model, ref_model=None, tx=tx, cfg=cfg)
 
 
 def proxy_step(state: TrainState, ref_params, batch, *, model, ref_model, tx, cfg: StepConfig):

@@ -34,15 +34,24 @@ from doremi_jax import config as config_lib
 from doremi_jax import doremi as doremi_lib
 from doremi_jax import downstream_eval
 from doremi_jax import metrics as metrics_lib
+from doremi_jax import mixing
+from doremi_jax import mixing_log
 from doremi_jax import optim
 from doremi_jax import outputs
 from doremi_jax import run as run_lib
+from doremi_jax import schedule as schedule_lib
 from doremi_jax import steps as steps_lib
 from doremi_jax import trainer as trainer_lib
 from doremi_jax.model import TransformerConfig
 
 # The one DoReMi settings type, configurable from gin as `DoReMiConfig`.
 DoReMiConfig = gin.external_configurable(doremi_lib.DoReMiConfig, module="doremi_jax.train")
+# Main runs whose weights change: `train.online = @OnlineMixing()` (online DoReMi, ODM) and
+# `train.sampling = @MixtureSchedule()` (stages, interpolation).
+OnlineMixing = gin.external_configurable(mixing.OnlineConfig, "OnlineMixing",
+                                         module="doremi_jax.train")
+MixtureSchedule = gin.external_configurable(schedule_lib.MixtureSchedule,
+                                            module="doremi_jax.train")
 
 
 def _given(value):
@@ -59,6 +68,7 @@ def run_config(model_dir: Optional[str] = gin.REQUIRED, *, mixture_or_task_name:
                checkpoint_every: int = 100, keep_checkpoints: int = 2, eval_every: int = 0,
                eval_batch_size: Optional[int] = None, eval_max_sequences: Optional[int] = None,
                doremi: Optional[doremi_lib.DoReMiConfig] = None,
+               online: Optional[mixing.OnlineConfig] = None,
                reference_dir: Optional[str] = None,
                optimizer: Optional[optim.OptimizerConfig] = None,
                model: Optional[TransformerConfig] = None, cache_dir: Optional[str] = None,
@@ -75,7 +85,7 @@ def run_config(model_dir: Optional[str] = gin.REQUIRED, *, mixture_or_task_name:
       model_dir=_given(model_dir), mixture_or_task_name=_given(mixture_or_task_name),
       seq_len=run_lib.sequence_length(lengths) if lengths is not None else None,
       train_steps=_given(train_steps), batch_size=_given(batch_size), model=model or
-      TransformerConfig(), optimizer=optimizer or optim.OptimizerConfig(), doremi=doremi,
+      TransformerConfig(), optimizer=optimizer or optim.OptimizerConfig(), doremi=doremi, online=online,
       reference_dir=_given(reference_dir), random_seed=random_seed, mesh_shape=tuple(mesh_shape),
       sampling=sampling, accum_steps=accum_steps, z_loss=z_loss, log_every=log_every,
       checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, eval_every=eval_every,
@@ -119,7 +129,7 @@ class _Preemption(contextlib.AbstractContextManager):
 def _restore_reference(run: run_lib.Run):
   """The frozen reference's parameters (first: a missing checkpoint fails before MODEL_DIR
   is touched), cast to its compute dtype."""
-  if run.cfg.doremi is None:
+  if not run.cfg.needs_reference:
     return None
   params, step = ckpt_lib.restore_params(run.cfg.reference_dir, run.trainer.abstract_ref_params)
   run.info["reference_step"] = step
@@ -145,7 +155,11 @@ def _start(run: run_lib.Run, ckpt: ckpt_lib.Checkpointer):
     step = None
   got = ckpt.restore_readable(run.trainer.abstract_state, step=step)
   if got.step is None:
-    return run.trainer.init_fn(jax.random.key(cfg.random_seed)), 0
+    state = run.trainer.init_fn(jax.random.key(cfg.random_seed))
+    if cfg.online is not None:  # starts from the input's initial weights
+      state = state.replace(mixing=mixing_log.initial_state(
+          cfg.online, run.batches.probs, run.trainer.state_shardings.mixing))
+    return state, 0
   run.batches.set_state(got.data_state)
   if got.set_aside or step is not None:
     history.append({
@@ -204,8 +218,13 @@ def run_training(run: run_lib.Run) -> dict:
     trajectory = metrics_lib.Trajectory(cfg.model_dir, start) if cfg.doremi else None
     if trajectory is not None:
       stack.callback(trajectory.flush)
+    mlog = None
+    if run.batches is not None and run.batches.sampling == "scheduled":
+      mlog = mixing_log.MixingLog(cfg.model_dir, run.domains, run.batches, online=cfg.online,
+                                  start=start, state=state)
+      stack.callback(mlog.flush)
     preempt = stack.enter_context(_Preemption(jax.process_count()))
-    loop = _Loop(run, ckpt, writer, trajectory, preempt, start)
+    loop = _Loop(run, ckpt, writer, (trajectory, mlog), preempt, start)
     stack.callback(loop.progress.close)
     state = loop.run(state, ref_params)
     ckpt.close()  # waits for the last save before the outputs below
@@ -213,6 +232,8 @@ def run_training(run: run_lib.Run) -> dict:
     trajectory.flush()
     metrics_lib.write_domain_weights(cfg.model_dir, state, run.info, cfg.doremi,
                                      reference_dir=cfg.reference_dir, steps=cfg.train_steps)
+  if mlog is not None and loop.step >= cfg.train_steps and jax.process_index() == 0:
+    mlog.finish(cfg.train_steps, state)
   ckpt_lib.barrier(f"train done: {cfg.model_dir}")  # outputs written by process 0 are complete
   return {
       "step": loop.step,
@@ -224,9 +245,9 @@ def run_training(run: run_lib.Run) -> dict:
 class _Loop:
   """The step loop: metrics are read one step late, checkpoints hold no unread metrics."""
 
-  def __init__(self, run, ckpt, writer, trajectory, preempt, start: int):
+  def __init__(self, run, ckpt, writer, logs, preempt, start: int):
     self.run_, self.ckpt, self.writer = run, ckpt, writer
-    self.trajectory, self.preempt = trajectory, preempt
+    (self.trajectory, self.mlog), self.preempt = logs, preempt
     self.step, self.last, self.tokens = start, {}, 0.0
     self.pending, self.t_log = None, time.time()
     self.progress = metrics_lib.Progress(run.cfg.train_steps, start)
@@ -263,7 +284,8 @@ class _Loop:
 
   def _consume(self) -> None:
     if self.pending is not None:
-      self.last, tokens = _host_metrics(self.pending, self.run_.domains, self.trajectory)
+      self.last, tokens = _host_metrics(self.pending, self.run_.domains, self.trajectory,
+                                        self.mlog)
       self.tokens += tokens
       self.pending = None
 
@@ -276,15 +298,16 @@ class _Loop:
     if self.trajectory is not None:  # have the weights settled so far?
       self.last["weight_diagnostics"] = self.trajectory.diagnostics()
     self.writer.write(self.step, self.last)
-    if self.trajectory is not None:
-      self.trajectory.flush()
+    for log in (self.trajectory, self.mlog):
+      if log is not None:
+        log.flush()
     self.progress.update(self.step, self.last["loss"], self.last["tokens_per_second"])
     if not self.progress.enabled and jax.process_index() == 0:
       logging.info("step %d/%d loss %.4f  %.0f tokens/s", self.step, self.run_.cfg.train_steps,
                    self.last["loss"], self.last["tokens_per_second"])
 
 
-def _host_metrics(pending, domains, trajectory):
+def _host_metrics(pending, domains, trajectory, mlog=None):
   """Host copies of one step's metrics and its token count; NaN/inf loss stops the run."""
   step, metrics = pending
   m = jax.device_get(metrics)
@@ -302,6 +325,10 @@ def _host_metrics(pending, domains, trajectory):
     for key in ("domain_weights", "avg_domain_weights", "domain_excess"):
       out[key] = dict(zip(domains, map(float, m[key])))
     trajectory.append(step, m["domain_weights"], m["avg_domain_weights"])
+  if mlog is not None:  # weights in force at this step; an online run's next ones to the input
+    out["sampling_weights"] = mlog.record(step, m)
+    if "domain_excess" in m:
+      out["domain_excess"] = dict(zip(domains, map(float, m["domain_excess"])))
   return out, float(m["num_tokens"])
 
 

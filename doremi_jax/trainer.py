@@ -16,6 +16,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from doremi_jax import doremi
+from doremi_jax import mixing
 from doremi_jax import optim
 from doremi_jax import sharding as sharding_lib
 from doremi_jax import steps
@@ -139,12 +140,14 @@ def build_trainer(*, model_cfg: TransformerConfig, mesh: Mesh, global_batch_size
                   opt_cfg: optim.OptimizerConfig = optim.OptimizerConfig(),
                   rules=sharding_lib.DEFAULT_RULES,
                   ref_model_cfg: Optional[TransformerConfig] = None, initial_alpha_K=None,
-                  num_processes: int = 1) -> Trainer:
+                  num_processes: int = 1, initial_sampling_K=None) -> Trainer:
   """Model, optimizer, abstract state, shardings and jitted steps for one run.
 
   A reference model config makes this a DoReMi (proxy) run: the state carries the domain
   weights, and step_fn is proxy_step(state, ref_params, batch) with step_cfg.doremi's
-  settings (the paper's defaults when None).
+  settings (the paper's defaults when None). step_cfg.online makes it an online-mixing main
+  run: the state carries the sampling weights (starting from initial_sampling_K, default
+  uniform), and step_fn is online_step (with the reference for online DoReMi).
   """
   validate_shapes(model_cfg=model_cfg, mesh=mesh, global_batch_size=global_batch_size,
                   seq_len=seq_len, accum_steps=step_cfg.accum_steps, total_steps=total_steps,
@@ -155,19 +158,24 @@ def build_trainer(*, model_cfg: TransformerConfig, mesh: Mesh, global_batch_size
   repl = sharding_lib.replicated(mesh)
   opt_sh = _opt_state_shardings(tx, abstract_params, param_sh, repl)
   num_domains = step_cfg.num_domains
-  is_doremi = ref_model_cfg is not None
+  online = step_cfg.online
+  is_doremi = ref_model_cfg is not None and online is None
+  if online is not None and initial_sampling_K is None:
+    initial_sampling_K = np.full(num_domains, 1.0 / num_domains)
 
   def init(rng):
     params = nn.meta.unbox(model.init(rng, dummy, dummy, dummy))["params"]
     initial_lambda = (step_cfg.doremi or doremi.DoReMiConfig()).initial_lambda
     dstate = (
         doremi.init_state(num_domains, initial_lambda, initial_alpha_K) if is_doremi else None)
-    return TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), doremi=dstate)
+    mstate = mixing.init_state(online, initial_sampling_K) if online is not None else None
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      doremi=dstate, mixing=mstate)
 
   abstract_state = jax.eval_shape(init, jax.random.key(0))
   state_sh = TrainState(step=repl, params=param_sh, opt_state=opt_sh,
-                        doremi=jax.tree.map(lambda _: repl, abstract_state.doremi))
+                        doremi=jax.tree.map(lambda _: repl, abstract_state.doremi),
+                        mixing=jax.tree.map(lambda _: repl, abstract_state.mixing))
   abstract_state = _with_shardings(abstract_state, state_sh)
   init_fn = jax.jit(init, out_shardings=state_sh)
 
@@ -198,12 +206,17 @@ def _jit_steps(trainer: Trainer, model, tx, step_cfg: steps.StepConfig, rules,
     trainer.ref_model_cfg = ref_model_cfg
     trainer.abstract_ref_params = _with_shardings(abstract_ref, ref_sh)
     trainer.ref_shardings = ref_sh
+    step = steps.online_step if step_cfg.online is not None else steps.proxy_step
+    trainer.step_fn = jax.jit(
+        in_mesh(functools.partial(step, model=model, ref_model=ref_model, tx=tx, cfg=step_cfg),
+                mesh, rules), in_shardings=(state_sh, ref_sh, batch_sh),
+        out_shardings=(state_sh, repl), donate_argnums=(0,))
+  elif step_cfg.online is not None:  # ODM: no reference
     trainer.step_fn = jax.jit(
         in_mesh(
-            functools.partial(steps.proxy_step, model=model, ref_model=ref_model, tx=tx,
-                              cfg=step_cfg), mesh,
-            rules), in_shardings=(state_sh, ref_sh, batch_sh), out_shardings=(state_sh, repl),
-        donate_argnums=(0,))
+            functools.partial(steps.online_step_without_reference, model=model, tx=tx,
+                              cfg=step_cfg), mesh, rules), in_shardings=(state_sh, batch_sh),
+        out_shardings=(state_sh, repl), donate_argnums=(0,))
   else:
     trainer.step_fn = jax.jit(
         in_mesh(functools.partial(steps.train_step, model=model, tx=tx, cfg=step_cfg), mesh, rules),
