@@ -80,17 +80,23 @@ def test_run_files_build(run, capture, tmp_path):
         "DownstreamConfig.targets_length") == 1024  # the paper's context
     return
   bindings = [f"MODEL_DIR='{tmp_path / 'run'}'", "TRAIN_STEPS=3", f"TASK_FEATURE_LENGTHS={SEQ}"]
-  if run == "runs/doremi.gin":
+  if run in ("runs/doremi.gin", "runs/online_doremi.gin"):
     gin.clear_config()  # the reference's run_info is built from the tiny config
     config_lib.parse_gin(["models/tiny.gin"], [])
     bindings.append(f"REFERENCE_DIR='{_reference_dir(tmp_path)}'")
+  if run == "runs/schedule.gin":
+    weights = str(tmp_path / "prose.json")
+    outputs.write_json(weights, {"domains": {"prose": 2.0, "code": 1.0}})
+    bindings.append(f"SCHEDULE_STAGES=[(0, {{'code': 1.0}}), (2, '{weights}')]")
   if run == "runs/base.gin":
     bindings.append("MIXTURE_OR_TASK_NAME='demo_natural'")
   _parse([run, "models/tiny.gin", "mixtures/demo.gin"], bindings)
   _build(capture)
   assert capture["cfg"].batch_size == 16 and capture["cfg"].train_steps == 3
   trainer = capture["trainer"]
-  assert trainer.is_doremi == (run == "runs/doremi.gin")
+  assert trainer.is_doremi == (run in ("runs/doremi.gin", "runs/online_doremi.gin"))
+  online = {"runs/online_doremi.gin": "doremi", "runs/odm.gin": "odm"}.get(run)
+  assert (capture["cfg"].online and capture["cfg"].online.method) == online
   assert not os.path.exists(tmp_path / "run")  # nothing written before the build
 
 
