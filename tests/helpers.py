@@ -24,6 +24,10 @@ TINY_CFG = TransformerConfig(vocab_size=VOCAB, emb_dim=32, num_heads=2, head_dim
 # ------------------------------------------------------------------------- child processes
 
 # Flags of a tiny doremi_jax.train run on the demo mixture (gin/models/tiny.gin).
+# A two-stage weight schedule for runs/schedule.gin on the demo's domains: the change at step 7.
+SCHEDULE_FLAGS = [
+    "--gin.SCHEDULE_STAGES=[(0, {'code': 1.0, 'prose': 1.0}), (7, {'noise': 1.0, 'legal': 3.0})]"
+]
 TINY_DEMO_FLAGS = [
     "--gin_file=gin/models/tiny.gin", "--gin_file=gin/mixtures/demo.gin",
     "--gin.TASK_FEATURE_LENGTHS={'targets': 32}", "--gin.BATCH_SIZE=16"
@@ -39,11 +43,14 @@ def child_env(devices: int = 8) -> dict:
   return env
 
 
-def train_args(model_dir, steps: int, *, reference=None, extra=()) -> list:
+def train_args(model_dir, steps: int, *, reference=None, extra=(), run_file=None) -> list:
   """Python arguments of a tiny demo training run: a reference run, or a DoReMi proxy run
-  against the reference run in `reference`."""
-  run = (["--gin_file=gin/runs/doremi.gin", f"--gin.REFERENCE_DIR='{reference}'"]
-         if reference else ["--gin_file=gin/runs/reference.gin"])
+  against the reference run in `reference`; run_file (e.g. "runs/online_doremi.gin") takes
+  the place of either, with `reference` as its REFERENCE_DIR if given."""
+  run_file = run_file or ("runs/doremi.gin" if reference else "runs/reference.gin")
+  run = [f"--gin_file=gin/{run_file}"]
+  if reference:
+    run.append(f"--gin.REFERENCE_DIR='{reference}'")
   return [
       "-m", "doremi_jax.train", *run, *TINY_DEMO_FLAGS, f"--gin.MODEL_DIR='{model_dir}'",
       f"--gin.TRAIN_STEPS={steps}", *extra

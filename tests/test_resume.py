@@ -116,6 +116,37 @@ def test_sigterm_saves_exits_cleanly_and_resumes(baseline, tmp_path):
   _assert_same_run(model_dir, baseline)
 
 
+@pytest.mark.parametrize(
+    "run_file",
+    # The schedule's resume across a change is also checked on the input alone
+    # (test_mixing.py); end to end it is slow.
+    ["runs/online_doremi.gin", pytest.param("runs/schedule.gin", marks=pytest.mark.slow)])
+def test_changing_weights_kill9_resume_equals_uninterrupted(tmp_path, run_file):
+  """Killed after its step-5 checkpoint and past a weight change (online DoReMi: every step;
+  the schedule: step 7), before the next checkpoint (10): resumed, it draws the same batches
+  with the same weights as an uninterrupted run, bit for bit."""
+  ref, want, got = (str(tmp_path / n) for n in ("ref", "want", "got"))
+  online = run_file == "runs/online_doremi.gin"
+  if online:
+    helpers.run(_cmd(ref, steps=3))
+  steps, extra = 16, ["--gin.train.eval_every=0", *helpers.SCHEDULE_FLAGS]
+  cmd = lambda d: [
+      sys.executable, *helpers.train_args(d, steps, reference=ref if online else None,
+                                          run_file=run_file, extra=[*FLAGS, *extra])
+  ]
+  helpers.run(cmd(want))
+  _kill9_after_checkpoint(cmd(got), got, 8, tmp_path / "log")
+  killed_at = helpers.read_metrics(got)[-1]["step"]
+  assert killed_at < steps
+  helpers.run(cmd(got))
+  _assert_same_run(got, want, steps=steps)
+  for g, w in zip(helpers.read_metrics(got), helpers.read_metrics(want)):
+    assert g["sampling_weights"] == w["sampling_weights"], g["step"]
+  rows = helpers.read_jsonl(os.path.join(got, "sampling_weights.jsonl"))
+  assert [r["step"] for r in rows] == list(range(1, steps + 1))
+  assert rows == helpers.read_jsonl(os.path.join(want, "sampling_weights.jsonl"))
+
+
 def _trajectory(model_dir):
   return helpers.read_jsonl(os.path.join(model_dir, "domain_weights_trajectory.jsonl"))
 
