@@ -40,10 +40,15 @@ from doremi_jax import downstream_eval
 from doremi_jax import metrics as metrics_lib
 from doremi_jax import outputs
 from doremi_jax import evaluation
+from doremi_jax import mixing_log
 from doremi_jax import report as report_lib
+from doremi_jax import report_methods
+from doremi_jax import schedule as schedule_lib
 from doremi_jax import train as train_lib
 
 BASELINES = ("natural", "uniform", "unimax")
+# Mixture methods beside offline DoReMi, each one main run at the baselines' compute.
+METHODS = ("doremi", "online_doremi", "odm", "schedule")
 
 
 def _scoped_train(scope: str, model_dir: str, mixture: str, **overrides) -> dict:
@@ -110,7 +115,8 @@ def pipeline(pipeline_dir: str = gin.REQUIRED, *, domain_set: str = gin.REQUIRED
              name: Optional[str] = None, main_steps: int = gin.REQUIRED,
              main_batch_size: int = gin.REQUIRED, sequence_length: int = gin.REQUIRED,
              cache_dir: Optional[str] = None, natural_weights: str = "registered",
-             seeds: Optional[Sequence[int]] = None, etas: Optional[Sequence[float]] = None) -> dict:
+             seeds: Optional[Sequence[int]] = None, etas: Optional[Sequence[float]] = None,
+             methods: Sequence[str] = ("doremi",), schedule_switch: float = 0.5) -> dict:
   """Runs the study; returns the report's summary.
 
   reference_weights: "natural" or "uniform" (round 1's reference mixture), or a weights file.
@@ -128,8 +134,14 @@ def pipeline(pipeline_dir: str = gin.REQUIRED, *, domain_set: str = gin.REQUIRED
     baseline. None: one run with RANDOM_SEED, in PIPELINE_DIR itself.
   etas: DoReMi step sizes, each with its own proxy and main run against the same reference
     and baselines (one DoReMi round only). None: the proxy scope's DoReMiConfig.eta.
+  methods: "doremi" (offline, always run), and mixtures that change during the main run:
+    "online_doremi" (the main model's excess over round 1's reference, from uniform;
+    `main/OnlineMixing.*` settings), "odm" (EXP3, from uniform), "schedule" (natural weights,
+    then offline DoReMi's from schedule_switch of the main steps). Each is one main run in
+    main/<method>, judged like DoReMi's against every baseline and offline DoReMi.
   """
   _validate(domain_set, baselines, max_rounds, natural_weights, etas)
+  _validate_methods(methods, schedule_switch)
   natural, token_counts = _natural(domain_set, sequence_length, cache_dir, natural_weights)
   ref_w = _reference_weights(reference_weights, natural, domain_set)
   etas = list(etas) if etas else [_scoped_doremi().eta]
@@ -139,14 +151,10 @@ def pipeline(pipeline_dir: str = gin.REQUIRED, *, domain_set: str = gin.REQUIRED
     seed_dir = (
         pipeline_dir if len(grid["seeds"]) == 1 else os.path.join(pipeline_dir, f"seed{seed}"))
     stage_args = {"task_feature_lengths": {"targets": sequence_length}, "cache_dir": cache_dir}
-    if seed is not None:
-      stage_args["random_seed"] = int(seed)
-    bases = {
-        b:
-            _baseline_weights(b, natural, token_counts,
-                              main_tokens=main_steps * main_batch_size * sequence_length,
-                              unimax_max_epochs=unimax_max_epochs) for b in baselines
-    }
+    stage_args.update({} if seed is None else {"random_seed": int(seed)})
+    main_tokens = main_steps * main_batch_size * sequence_length
+    bases = {b: _baseline_weights(b, natural, token_counts, main_tokens=main_tokens,
+                                  unimax_max_epochs=unimax_max_epochs) for b in baselines}
     run_main = functools.partial(_main_runs, seed_dir, domain_set, stage_args=stage_args,
                                  train_steps=main_steps, batch_size=main_batch_size)
     base_results = None
@@ -159,18 +167,24 @@ def pipeline(pipeline_dir: str = gin.REQUIRED, *, domain_set: str = gin.REQUIRED
           os.path.join(seed_dir, f"domain_weights{tag}.json"), out_w, domain_set, rounds, converged)
       results = {"doremi": run_main({f"doremi{tag}": out_w})[f"doremi{tag}"]}
       base_results = base_results or run_main(bases)  # shared by the etas
+      method_results = _method_runs(
+          methods, run_main, natural=natural, doremi_w=out_w, tag=tag, steps=main_steps,
+          reference_dir=os.path.join(seed_dir, "round1", "reference"),
+          switch_fraction=schedule_switch)
       studies[(seed, eta)] = _study(
-          name or os.path.basename(os.path.normpath(pipeline_dir)), domain_set, rounds, converged, {
-              **results,
-              **base_results
-          }, _study_config(seed_dir, reference_weights, max_rounds, tag=tag),
-          (main_steps, main_batch_size, sequence_length), seed=seed, eta=eta)
+          name or os.path.basename(os.path.normpath(pipeline_dir)), domain_set, rounds, converged,
+          {**results, **base_results}, _study_config(seed_dir, reference_weights, max_rounds,
+                                                     tag=tag),
+          (main_steps, main_batch_size, sequence_length), seed=seed, eta=eta,
+          methods=method_results)
   return _finish(studies, pipeline_dir)
 
 
-def _study(name, domain_set, rounds, converged, results, config, compute, *, seed, eta) -> dict:
+def _study(name, domain_set, rounds, converged, results, config, compute, *, seed, eta,
+           methods=None) -> dict:
   steps, batch, length = compute
   return {
+      "methods": methods or {},
       "name": name,
       "mixture": domain_set,
       "domains": data_lib.domain_names(domain_set),
@@ -296,19 +310,72 @@ def _doremi_rounds(pipeline_dir: str, domain_set: str, ref_w: dict, stage_args: 
 
 
 def _main_runs(pipeline_dir: str, domain_set: str, mains: dict, *, stage_args: dict,
-               train_steps: int, batch_size: int) -> dict:
-  """One main model per weights at equal compute: {run: {weights, evals}}."""
+               train_steps: int, batch_size: int, overrides: Optional[dict] = None) -> dict:
+  """One main model per weights at equal compute: {run: {weights, evals}}. overrides:
+  {run: train arguments} of runs whose weights change (online, schedule); their weights are
+  the start, and the result adds the weights in force at each step."""
   results = {}
   for run, weights in mains.items():
     mixture = _register(weights, f"{domain_set}_main_{run}", domain_set)
     main_dir = os.path.join(pipeline_dir, "main", run)
+    extra = (overrides or {}).get(run, {})
     _scoped_train("main", main_dir, mixture, train_steps=train_steps, batch_size=batch_size,
-                  **stage_args)
+                  **stage_args, **extra)
     results[run] = {"weights": weights, "evals": evaluation.read_history(main_dir)}
+    if extra:
+      results[run].update(_changing_weights(main_dir))
     downstream = downstream_eval.read_history(main_dir)
     if downstream:
       results[run]["downstream"] = downstream
   return results
+
+
+def _validate_methods(methods, schedule_switch: float) -> None:
+  unknown = [m for m in methods if m not in METHODS]
+  if unknown or "doremi" not in methods:
+    raise ValueError(f"pipeline.methods={list(methods)!r}: use some of {METHODS}, with "
+                     f"'doremi' (offline DoReMi) among them.")
+  if "schedule" in methods and not 0.0 < schedule_switch < 1.0:
+    raise ValueError(f"pipeline.schedule_switch={schedule_switch}: the fraction of the main "
+                     f"steps after which the schedule switches to DoReMi's weights, in (0, 1).")
+
+
+def _online_config(method: str):
+  """The main scope's OnlineMixing settings, for this method."""
+  with gin.config_scope("main"):
+    return train_lib.OnlineMixing(method=method)
+
+
+def _method_runs(methods, run_main, *, natural: dict, doremi_w: dict, tag: str, steps: int,
+                 reference_dir: str, switch_fraction: float) -> dict:
+  """The main runs of the methods whose weights change during the run: {method: result}."""
+  uniform = {d: 1.0 for d in natural}
+  plan = {}
+  if "online_doremi" in methods:
+    plan["online_doremi"] = (uniform, {"online": _online_config("doremi"),
+                                       "reference_dir": reference_dir})
+  if "odm" in methods:
+    plan["odm"] = (uniform, {"online": _online_config("odm")})
+  if "schedule" in methods:
+    switch = min(steps - 1, max(1, int(round(switch_fraction * steps))))
+    stages = schedule_lib.MixtureSchedule([(0, natural), (switch, doremi_w)])
+    plan[f"schedule{tag}"] = (natural, {"sampling": stages})
+  results = run_main({k: w for k, (w, _) in plan.items()},
+                     overrides={k: o for k, (_, o) in plan.items()})
+  if f"schedule{tag}" in results:
+    results["schedule"] = results.pop(f"schedule{tag}")
+    results["schedule"]["setting"] = f"switch at step {switch} of {steps}"
+  return results
+
+
+def _changing_weights(main_dir: str) -> dict:
+  """The weights in force at each step, their mean, and online.json if any."""
+  rows = mixing_log.read(main_dir)
+  out = {"trajectory": rows, "weights": report_methods.mean_weights(rows)}
+  online = os.path.join(main_dir, outputs.ONLINE)
+  if outputs.exists(online):
+    out["online"] = outputs.read_json(online)
+  return out
 
 
 def _finish(studies: dict, pipeline_dir: str):

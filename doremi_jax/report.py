@@ -20,6 +20,7 @@ import numpy as np
 from doremi_jax import curves
 from doremi_jax import report_diagnostics
 from doremi_jax import report_downstream
+from doremi_jax import report_methods
 
 DOREMI = curves.DOREMI
 steps_to_reach = curves.steps_to_reach
@@ -165,7 +166,8 @@ def compute_summary(study, tolerance=DEFAULT_TOLERANCE):
       "final": finals,
       "baselines": baselines,
       "better_than_all_baselines": beats_all,
-      "downstream": report_downstream.compute(study)
+      "downstream": report_downstream.compute(study),
+      "methods": report_methods.compute(study, lambda sub: compute_summary(sub, tolerance), DOREMI),
   })
 
 
@@ -351,7 +353,10 @@ def render_markdown(study, summary, plots):
   parts += ([diag] if diag else []) + [_comparison_md(summary)]
   downstream = report_downstream.section_md(study, summary["downstream"],
                                             plots.get("downstream_curves"))
-  parts += ([downstream] if downstream else []) + [_closing_md(summary)]
+  parts += [downstream] if downstream else []
+  methods = report_methods.section_md(summary, plots.get("weights_in_force"), _table,
+                                      _verdict_text)
+  parts += ([methods] if methods else []) + [_closing_md(summary)]
   return "\n\n".join(parts) + "\n"
 
 
@@ -477,6 +482,9 @@ def write_plots(study, summary, plot_dir):
                                                  Figure, _colors),
       "downstream_curves":
           report_downstream.plot_curves(study, os.path.join(plot_dir, "downstream_vs_steps.png")),
+      "weights_in_force":
+          report_methods.plot_weights_in_force(
+              study, os.path.join(plot_dir, "weights_in_force.png"), Figure, _colors),
   }
   return {k: os.path.basename(v) for k, v in made.items() if v}
 

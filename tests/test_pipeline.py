@@ -121,3 +121,32 @@ def test_seeds_and_etas_pipeline(tmp_path):
     assert (open(os.path.join(out, p, "metrics.jsonl")).read(),
             sorted(os.listdir(os.path.join(out, p, "checkpoints")))) == before[p], p
   assert json.load(open(os.path.join(out, "reports", "seed1_eta1", "study.json"))) == study
+
+
+def test_pipeline_with_changing_mixtures_writes_one_report(tmp_path):
+  """Offline DoReMi, online DoReMi, ODM and a schedule, each one main run at equal compute,
+  judged in one report against the baseline and offline DoReMi."""
+  out = str(tmp_path / "study")
+  _run_pipeline(out, "--gin.pipeline.baselines=['uniform']",
+                "--gin.pipeline.methods=['doremi', 'online_doremi', 'odm', 'schedule']",
+                "--gin.main/train.downstream=None")
+  study = json.load(open(os.path.join(out, "study.json")))
+  assert set(study["mains"]) == {"doremi", "uniform"}
+  assert set(study["methods"]) == {"online_doremi", "odm", "schedule"}
+  for name, run in study["methods"].items():
+    assert [e["step"] for e in run["evals"]] == [2, 4], name
+    assert [r["step"] for r in run["trajectory"]] == [1, 2, 3, 4], name
+  # The schedule switches from natural to DoReMi's weights at half the 4 main steps.
+  sched = study["methods"]["schedule"]["trajectory"]
+  doremi_w = study["mains"]["doremi"]["weights"]
+  for d in doremi_w:
+    assert abs(sched[2]["weights"][d] - doremi_w[d] / sum(doremi_w.values())) < 1e-9
+  assert sched[0]["weights"] != sched[2]["weights"]
+  assert study["methods"]["odm"]["online"]["method"] == "odm"
+  summary = json.load(open(os.path.join(out, "summary.json")))
+  for name in ("online_doremi", "odm", "schedule"):
+    assert set(summary["methods"][name]["baselines"]) == {"uniform", "doremi (offline)"}
+  report = open(os.path.join(out, "report.md")).read()
+  assert "## Other mixture methods" in report and "### `odm`" in report
+  assert "plots/weights_in_force.png" in report
+  assert os.path.exists(os.path.join(out, "plots", "weights_in_force.png"))

@@ -1,0 +1,157 @@
+"""The study's other mixture methods (online DoReMi, ODM, a schedule) beside offline DoReMi.
+
+Each method's main run is judged exactly as DoReMi's is: report.compute_summary runs on the
+study with that run in DoReMi's place and offline DoReMi's main run among the baselines, so
+per-domain, worst-case, steps-to-reach and downstream verdicts come from one code path.
+Here: the markdown section, the weights-in-force plot, and the verdicts over seeds.
+"""
+from typing import Callable, Mapping, Optional
+
+import numpy as np
+
+from doremi_jax import aggregate
+
+OFFLINE = "doremi (offline)"  # offline DoReMi's main run, as a baseline of the other methods
+DESCRIPTIONS = {
+    "online_doremi": ("online DoReMi: the main model's own clipped excess over the round-1 "
+                      "reference updates its sampling weights each step (resampling)"),
+    "odm": "ODM: an EXP3 bandit over domains with the training loss as reward, no reference",
+    "schedule": "a schedule: natural weights, then offline DoReMi's weights",
+}
+
+
+def study_for(study: dict, name: str, doremi_key: str) -> dict:
+  """The study with method `name`'s main run as DoReMi's and offline DoReMi as a baseline."""
+  mains = dict(study.get("mains", {}))
+  offline = mains.pop(doremi_key, None)
+  sub = {k: v for k, v in study.items() if k != "methods"}
+  sub["mains"] = {doremi_key: study["methods"][name], **mains}
+  if offline is not None:
+    sub["mains"][OFFLINE] = offline
+  return sub
+
+
+def compute(study: dict, summarize: Callable[[dict], dict], doremi_key: str) -> dict:
+  """{method: summary-like dict (baselines, final, downstream, online)} for the report."""
+  out = {}
+  for name, run in (study.get("methods") or {}).items():
+    s = summarize(study_for(study, name, doremi_key))
+    out[name] = {
+        "description": DESCRIPTIONS.get(name, name),
+        "final": s["final"][doremi_key],
+        "baselines": s["baselines"],
+        "better_than_all_baselines": s["better_than_all_baselines"],
+        "downstream": s["downstream"],
+        "average_weights": run.get("weights"),
+        "online": run.get("online"),
+        "setting": run.get("setting"),
+    }
+  return out
+
+
+def _flags(m: Mapping) -> list[str]:
+  """Sentences about what the run measured (each from its numbers)."""
+  online = m.get("online") or {}
+  since = online.get("reference_beaten_from_step")
+  out = []
+  if since is not None:
+    out.append(f"The main model's loss was below the reference's on every domain from step "
+               f"{since} to the end (all excess clipped to 0), so online DoReMi's weights "
+               f"stopped moving there: the reference (the proxy's size) is weaker than the "
+               f"main model.")
+  elif online.get("steps_with_all_excess_zero"):
+    out.append(f"Every domain's excess was clipped to 0 on "
+               f"{online['steps_with_all_excess_zero']} of {online['steps']} steps.")
+  return out
+
+
+def section_md(summary: Mapping, plot: Optional[str], table: Callable, verdict_text: Callable,
+               cost: Optional[str] = None) -> Optional[str]:
+  """'## Other mixture methods' of report.md; None when the study has none."""
+  methods = summary.get("methods") or {}
+  if not methods:
+    return None
+  tol = summary["tolerance"]
+  lines = [
+      "## Other mixture methods", "",
+      "Each method's main run has the same model, steps, batch and seed as the others (equal "
+      "compute) and is compared like DoReMi's: difference = method - baseline, with "
+      f"`{OFFLINE}` (offline DoReMi's main run) as one more baseline. One seed: provisional.",
+      ""
+  ]
+  if cost:
+    lines += [cost, ""]
+  for name, m in methods.items():
+    rows = [[
+        f"`{b}`",
+        verdict_text(c["verdict_average"], c["delta_average"], c["relative_average"], tol),
+        verdict_text(c["verdict_worst"], c["delta_worst"], c["relative_worst"], tol),
+        f"better on {c['domains_better']}/{c['num_domains']} domains"
+    ] for b, c in m["baselines"].items()]
+    lines += [f"### `{name}`", "", m["description"] + (f" ({m['setting']})" if m.get("setting")
+                                                       else "") + ".", ""]
+    lines += [table(["against", "average", "worst case", "domains"], rows), ""]
+    lines += _flags(m)
+    w = m.get("average_weights")
+    if w:
+      lines += ["Mean sampling weights over the run: " +
+                ", ".join(f"{d} {v:.3f}" for d, v in w.items()), ""]
+  if plot:
+    lines.append(f"Sampling weights in force at each step of each method's main run:\n\n"
+                 f"![weights in force]({plot})")
+  return "\n".join(lines)
+
+
+def plot_weights_in_force(study: dict, path: str, figure_cls, colors) -> Optional[str]:
+  """One panel per method: every domain's weight in force against the step."""
+  runs = {n: r.get("trajectory") for n, r in (study.get("methods") or {}).items()}
+  runs = {n: t for n, t in runs.items() if t}
+  if not runs:
+    return None
+  domains = list(study["domains"])
+  fig = figure_cls(figsize=(6.5, 2.6 * len(runs)))
+  c = colors(len(domains))
+  for i, (name, rows) in enumerate(runs.items()):
+    ax = fig.add_subplot(len(runs), 1, i + 1)
+    steps = [r["step"] for r in rows]
+    for j, d in enumerate(domains):
+      ax.plot(steps, [r["weights"][d] for r in rows], color=c[j], label=d, lw=1.2)
+    ax.set_title(name)
+    ax.set_ylabel("weight")
+    ax.set_ylim(0, max(1e-3, max(max(r["weights"].values()) for r in rows)) * 1.05)
+    if i == 0:
+      ax.legend(fontsize=7, ncol=min(4, len(domains)))
+  ax.set_xlabel("step")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  return path
+
+
+def over_seeds(per_seed: Mapping[str, Mapping]) -> dict:
+  """{method: {eta: {baseline: stats}}}: aggregate.summarize on each method's comparisons."""
+  names = sorted({m for s in per_seed.values() for m in (s.get("methods") or {})})
+  return {
+      m: aggregate.summarize(
+          {k: s["methods"][m] for k, s in per_seed.items() if m in (s.get("methods") or {})})
+      for m in names
+  }
+
+
+def over_seeds_md(stats: Mapping) -> list[str]:
+  lines = []
+  for method, etas in stats.items():
+    for eta, names in etas.items():
+      lines += [f"### `{method}` (eta {eta} for offline DoReMi)", "",
+                "| against | average | verdict | worst case | verdict |", "|---|---|---|---|---|"]
+      for name, st in names.items():
+        lines.append(f"| {name} | {aggregate._pm(st['average'])} | {st['average']['verdict']} | "
+                     f"{aggregate._pm(st['worst'])} | {st['worst']['verdict']} |")
+      lines.append("")
+  return (["## Other mixture methods over seeds", ""] + lines) if lines else []
+
+
+def mean_weights(rows) -> Optional[dict]:
+  if not rows:
+    return None
+  domains = list(rows[0]["weights"])
+  return {d: float(np.mean([r["weights"][d] for r in rows])) for d in domains}
