@@ -3,13 +3,11 @@
 Each method's main run is judged exactly as DoReMi's is: report.compute_summary runs on the
 study with that run in DoReMi's place and offline DoReMi's main run among the baselines, so
 per-domain, worst-case, steps-to-reach and downstream verdicts come from one code path.
-Here: the markdown section, the weights-in-force plot, and the verdicts over seeds.
+Here: the markdown section and the weights-in-force plot (aggregate.py: over seeds).
 """
 from typing import Callable, Mapping, Optional
 
 import numpy as np
-
-from doremi_jax import aggregate
 
 OFFLINE = "doremi (offline)"  # offline DoReMi's main run, as a baseline of the other methods
 DESCRIPTIONS = {
@@ -125,29 +123,6 @@ def plot_weights_in_force(study: dict, path: str, figure_cls, colors) -> Optiona
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   return path
-
-
-def over_seeds(per_seed: Mapping[str, Mapping]) -> dict:
-  """{method: {eta: {baseline: stats}}}: aggregate.summarize on each method's comparisons."""
-  names = sorted({m for s in per_seed.values() for m in (s.get("methods") or {})})
-  return {
-      m: aggregate.summarize(
-          {k: s["methods"][m] for k, s in per_seed.items() if m in (s.get("methods") or {})})
-      for m in names
-  }
-
-
-def over_seeds_md(stats: Mapping) -> list[str]:
-  lines = []
-  for method, etas in stats.items():
-    for eta, names in etas.items():
-      lines += [f"### `{method}` (eta {eta} for offline DoReMi)", "",
-                "| against | average | verdict | worst case | verdict |", "|---|---|---|---|---|"]
-      for name, st in names.items():
-        lines.append(f"| {name} | {aggregate._pm(st['average'])} | {st['average']['verdict']} | "
-                     f"{aggregate._pm(st['worst'])} | {st['worst']['verdict']} |")
-      lines.append("")
-  return (["## Other mixture methods over seeds", ""] + lines) if lines else []
 
 
 def mean_weights(rows) -> Optional[dict]:
