@@ -70,8 +70,9 @@ def _fails(model_dir, args, *, match, no_compile):
   del no_compile  # the fixture checks
   before = _tree_hash(model_dir)
   args = list(args)
-  if args[:1] == DOREMI:  # the run file first (doremi.gin includes base.gin's macros)
-    argv = DOREMI + BASE[1:] + args[1:]
+  if args[:1] and args[0].startswith("--gin_file=gin/runs/"):  # the run file first (it
+    # includes base.gin's macros)
+    argv = args[:1] + BASE[1:] + args[1:]
   else:
     argv = BASE + args
   argv.append(f"--gin.MODEL_DIR='{model_dir}'")
@@ -249,3 +250,48 @@ def test_byte_vocabulary_cache_key_is_stable_across_processes():
           "print(vocab_key(seqio.ByteVocabulary()))")
   keys = {helpers.run([sys.executable, "-c", code]).stdout.strip() for _ in range(2)}
   assert keys == {"byte:0"}
+
+
+ONLINE = ["--gin_file=gin/runs/online_doremi.gin", "--gin.train.eval_every=0"]
+ODM = ["--gin_file=gin/runs/odm.gin", "--gin.train.eval_every=0"]
+SCHEDULE = ["--gin_file=gin/runs/schedule.gin", "--gin.train.eval_every=0"]
+
+
+def test_online_doremi_needs_a_reference(tmp_path, no_compile):
+  _fails(tmp_path / "run", ONLINE + ["--gin.REFERENCE_DIR=None"],
+         match=["REFERENCE_DIR is not set", "online DoReMi"], no_compile=no_compile)
+  _fails(tmp_path / "run", ONLINE + [f"--gin.REFERENCE_DIR='{tmp_path / 'none'}'"],
+         match="No reference run in", no_compile=no_compile)
+
+
+def test_online_doremi_reference_with_other_domains(trained, tmp_path, no_compile):
+  ref = _edited_reference(trained, tmp_path, lambda info: info.update(domains=["a", "b"]))
+  _fails(tmp_path / "run", ONLINE + [f"--gin.REFERENCE_DIR='{ref}'"],
+         match="another set or order of domains", no_compile=no_compile)
+
+
+@pytest.mark.parametrize("binding,match", [
+    ("OnlineMixing.exploration=0.5", "exploration=0.5: the floor must be in (0, 1/K] = (0, "
+     "0.1429]"),
+    ("OnlineMixing.exploration=0.0", "exploration=0.0"),
+    ("OnlineMixing.learning_rate=-1.0", "learning_rate=-1.0"),
+    ("OnlineMixing.reward_smoothing=1.5", "reward_smoothing=1.5"),
+    ("OnlineMixing.method='bandit'", "method='bandit'"),
+    ("train.sampling='stratified'", "draws iid rows from the weights it learns"),
+])
+def test_odm_bad_settings(tmp_path, no_compile, binding, match):
+  _fails(tmp_path / "run", ODM + [f"--gin.{binding}"], match=match, no_compile=no_compile)
+
+
+@pytest.mark.parametrize("stages,match", [
+    ("[(0, {'code': 1}), (5, {'prose': 1}), (3, {'noise': 1})]", "steps must increase: 3 "
+     "follows 5"),
+    ("[(0, {'code': 1}), (2, {'prose': 1})]", "stage at step 2 never runs: the run has "
+     "TRAIN_STEPS=2"),
+    ("[(0, {'kode': 1})]", "Unknown domain 'kode'"),
+    ("[(0, {'code': -1, 'prose': 2})]", "must be finite and >= 0"),
+    ("[(0, {'code': 0})]", "sum to 0"),
+])
+def test_bad_schedule(tmp_path, no_compile, stages, match):
+  _fails(tmp_path / "run", SCHEDULE + [f"--gin.SCHEDULE_STAGES={stages}"], match=match,
+         no_compile=no_compile)
