@@ -45,6 +45,7 @@ from doremi_jax import report as report_lib
 from doremi_jax import report_methods
 from doremi_jax import schedule as schedule_lib
 from doremi_jax import train as train_lib
+from doremi_jax.model import TransformerConfig
 
 BASELINES = ("natural", "uniform", "unimax")
 # Mixture methods beside offline DoReMi, each one main run at the baselines' compute.
@@ -362,10 +363,27 @@ def _method_runs(methods, run_main, *, natural: dict, doremi_w: dict, tag: str, 
     plan[f"schedule{tag}"] = (natural, {"sampling": stages})
   results = run_main({k: w for k, (w, _) in plan.items()},
                      overrides={k: o for k, (_, o) in plan.items()})
+  if "online_doremi" in results:
+    results["online_doremi"]["cost"] = _reference_forward_cost(
+        os.path.join(os.path.dirname(os.path.dirname(reference_dir)), "main", "online_doremi"),
+        reference_dir)
   if f"schedule{tag}" in results:
     results["schedule"] = results.pop(f"schedule{tag}")
     results["schedule"]["setting"] = f"switch at step {switch} of {steps}"
   return results
+
+
+def _reference_forward_cost(main_dir: str, reference_dir: str) -> Optional[dict]:
+  """Online DoReMi's extra compute per step: the reference's forward FLOPs as a fraction of
+  a main train step's (forward + backward), from the two runs' models."""
+  infos = [outputs.read_run_info(d) for d in (main_dir, reference_dir)]
+  if None in infos:
+    return None
+  main, ref = (TransformerConfig(**i["model"]) for i in infos)
+  length = infos[0]["sequence_length"]
+  fraction = ref.flops_per_token(length) / 3 / main.flops_per_token(length)
+  return {"reference_forward_fraction": fraction, "reference_params": infos[1]["num_params"],
+          "main_params": infos[0]["num_params"]}
 
 
 def _changing_weights(main_dir: str) -> dict:

@@ -43,6 +43,7 @@ def compute(study: dict, summarize: Callable[[dict], dict], doremi_key: str) -> 
         "average_weights": run.get("weights"),
         "online": run.get("online"),
         "setting": run.get("setting"),
+        "cost": run.get("cost"),
     }
   return out
 
@@ -52,6 +53,11 @@ def _flags(m: Mapping) -> list[str]:
   online = m.get("online") or {}
   since = online.get("reference_beaten_from_step")
   out = []
+  cost = m.get("cost")
+  if cost:
+    out.append(f"Its cost beside a plain main run: the reference's forward each step, "
+               f"{cost['reference_forward_fraction']:.1%} of a main step's FLOPs (reference "
+               f"{cost['reference_params']:,} parameters, main model {cost['main_params']:,}).")
   if since is not None:
     out.append(f"The main model's loss was below the reference's on every domain from step "
                f"{since} to the end (all excess clipped to 0), so online DoReMi's weights "

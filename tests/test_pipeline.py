@@ -143,6 +143,8 @@ def test_pipeline_with_changing_mixtures_writes_one_report(tmp_path):
     assert abs(sched[2]["weights"][d] - doremi_w[d] / sum(doremi_w.values())) < 1e-9
   assert sched[0]["weights"] != sched[2]["weights"]
   assert study["methods"]["odm"]["online"]["method"] == "odm"
+  cost = study["methods"]["online_doremi"]["cost"]["reference_forward_fraction"]
+  assert 0 < cost < 1 / 3  # the reference is smaller than the main model
   summary = json.load(open(os.path.join(out, "summary.json")))
   for name in ("online_doremi", "odm", "schedule"):
     assert set(summary["methods"][name]["baselines"]) == {"uniform", "doremi (offline)"}

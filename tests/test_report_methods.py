@@ -26,6 +26,8 @@ def _study(online_avg=(3.0, 2.0), beaten_from=None):
           "online_doremi": {
               "weights": {"code": 0.75, "prose": 0.25}, "evals": _evals(online_avg),
               "trajectory": rows,
+              "cost": {"reference_forward_fraction": 0.125, "reference_params": 1000,
+                       "main_params": 3000},
               "online": {"method": "doremi", "steps": 4, "reference_beaten_from_step": beaten_from,
                          "steps_with_all_excess_zero": 0 if beaten_from is None else 2}
           }
@@ -51,6 +53,7 @@ def test_reference_beaten_sentence_follows_the_numbers(tmp_path):
   text = open(os.path.join(out, "report.md")).read()
   assert "### `online_doremi`" in text and "on every domain from step 3 to the end" in text
   assert "plots/weights_in_force.png" in text
+  assert "the reference's forward each step, 12.5% of a main step's FLOPs" in text
   assert open(os.path.join(out, "plots", "weights_in_force.png"), "rb").read(4) == b"\x89PNG"
   out2 = str(tmp_path / "b")
   report.write_report(_study(beaten_from=None), out2)
