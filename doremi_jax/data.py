@@ -241,6 +241,28 @@ def _finish(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return batch
 
 
+def _fixed_probs(sampling, mixture_rates, pools) -> np.ndarray:
+  """Normalized probabilities in pool order of sampling="mixture" or {domain: weight}."""
+  if sampling == "mixture":
+    w = mixture_rates
+    if w is None:
+      raise ValueError("sampling='mixture' needs mixture_rates.")
+  elif isinstance(sampling, Mapping):
+    w = sampling
+  else:
+    raise ValueError(f"Unknown sampling {sampling!r}: use 'mixture', "
+                     "'uniform', 'stratified' or a {domain: weight} dict.")
+  unknown = sorted(set(w) - set(pools))
+  if unknown:
+    raise ValueError(f"Unknown domains {unknown} in sampling weights; "
+                     f"known: {pools}.")
+  p = np.array([float(w.get(d, 0.0)) for d in pools])
+  if (p < 0).any() or p.sum() <= 0:
+    raise ValueError(f"Sampling weights must be >= 0 with a positive "
+                     f"sum, got {dict(w)}.")
+  return p / p.sum()
+
+
 class BatchIterator:
   """Global batches of packed sequences; this host's rows only.
 
@@ -294,24 +316,7 @@ class BatchIterator:
     elif sampling == "uniform":
       self.probs = np.full(k, 1.0 / k)
     else:
-      if sampling == "mixture":
-        w = mixture_rates or packed.mixture_rates
-        if w is None:
-          raise ValueError("sampling='mixture' needs mixture_rates.")
-      elif isinstance(sampling, Mapping):
-        w = sampling
-      else:
-        raise ValueError(f"Unknown sampling {sampling!r}: use 'mixture', "
-                         "'uniform', 'stratified' or a {domain: weight} dict.")
-      unknown = sorted(set(w) - set(self.pools))
-      if unknown:
-        raise ValueError(f"Unknown domains {unknown} in sampling weights; "
-                         f"known: {self.pools}.")
-      p = np.array([float(w.get(d, 0.0)) for d in self.pools])
-      if (p < 0).any() or p.sum() <= 0:
-        raise ValueError(f"Sampling weights must be >= 0 with a positive "
-                         f"sum, got {dict(w)}.")
-      self.probs = p / p.sum()
+      self.probs = _fixed_probs(sampling, mixture_rates or packed.mixture_rates, self.pools)
     self._length = packed.sequence_length
     self._step = 0
     self._draws = np.zeros(k, np.int64)

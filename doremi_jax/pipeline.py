@@ -135,27 +135,22 @@ def pipeline(pipeline_dir: str = gin.REQUIRED, *, domain_set: str = gin.REQUIRED
     baseline. None: one run with RANDOM_SEED, in PIPELINE_DIR itself.
   etas: DoReMi step sizes, each with its own proxy and main run against the same reference
     and baselines (one DoReMi round only). None: the proxy scope's DoReMiConfig.eta.
-  methods: "doremi" (offline, always run), and mixtures that change during the main run:
-    "online_doremi" (the main model's excess over round 1's reference, from uniform;
-    `main/OnlineMixing.*` settings), "odm" (EXP3, from uniform), "schedule" (natural weights,
-    then offline DoReMi's from schedule_switch of the main steps). Each is one main run in
-    main/<method>, judged like DoReMi's against every baseline and offline DoReMi.
+  methods: "doremi" (offline, always) and some of "online_doremi", "odm", "schedule" (see
+    _method_runs): one main run each, judged like DoReMi's, offline DoReMi a baseline too.
   """
   _validate(domain_set, baselines, max_rounds, natural_weights, etas)
   _validate_methods(methods, schedule_switch)
   natural, token_counts = _natural(domain_set, sequence_length, cache_dir, natural_weights)
   ref_w = _reference_weights(reference_weights, natural, domain_set)
   etas = list(etas) if etas else [_scoped_doremi().eta]
-  grid = {"seeds": list(seeds) if seeds else [None], "etas": etas}
-  studies = {}
-  for seed in grid["seeds"]:
-    seed_dir = (
-        pipeline_dir if len(grid["seeds"]) == 1 else os.path.join(pipeline_dir, f"seed{seed}"))
+  seeds, studies = list(seeds) if seeds else [None], {}
+  main_tokens = main_steps * main_batch_size * sequence_length
+  bases = {b: _baseline_weights(b, natural, token_counts, main_tokens=main_tokens,
+                                unimax_max_epochs=unimax_max_epochs) for b in baselines}
+  for seed in seeds:
+    seed_dir = pipeline_dir if len(seeds) == 1 else os.path.join(pipeline_dir, f"seed{seed}")
     stage_args = {"task_feature_lengths": {"targets": sequence_length}, "cache_dir": cache_dir}
     stage_args.update({} if seed is None else {"random_seed": int(seed)})
-    main_tokens = main_steps * main_batch_size * sequence_length
-    bases = {b: _baseline_weights(b, natural, token_counts, main_tokens=main_tokens,
-                                  unimax_max_epochs=unimax_max_epochs) for b in baselines}
     run_main = functools.partial(_main_runs, seed_dir, domain_set, stage_args=stage_args,
                                  train_steps=main_steps, batch_size=main_batch_size)
     base_results = None
@@ -168,10 +163,8 @@ def pipeline(pipeline_dir: str = gin.REQUIRED, *, domain_set: str = gin.REQUIRED
           os.path.join(seed_dir, f"domain_weights{tag}.json"), out_w, domain_set, rounds, converged)
       results = {"doremi": run_main({f"doremi{tag}": out_w})[f"doremi{tag}"]}
       base_results = base_results or run_main(bases)  # shared by the etas
-      method_results = _method_runs(
-          methods, run_main, natural=natural, doremi_w=out_w, tag=tag, steps=main_steps,
-          reference_dir=os.path.join(seed_dir, "round1", "reference"),
-          switch_fraction=schedule_switch)
+      method_results = _method_runs(methods, run_main, seed_dir, natural=natural, doremi_w=out_w,
+                                    tag=tag, steps=main_steps, switch_fraction=schedule_switch)
       studies[(seed, eta)] = _study(
           name or os.path.basename(os.path.normpath(pipeline_dir)), domain_set, rounds, converged,
           {**results, **base_results}, _study_config(seed_dir, reference_weights, max_rounds,
@@ -347,10 +340,16 @@ def _online_config(method: str):
     return train_lib.OnlineMixing(method=method)
 
 
-def _method_runs(methods, run_main, *, natural: dict, doremi_w: dict, tag: str, steps: int,
-                 reference_dir: str, switch_fraction: float) -> dict:
-  """The main runs of the methods whose weights change during the run: {method: result}."""
+def _method_runs(methods, run_main, seed_dir: str, *, natural: dict, doremi_w: dict, tag: str,
+                 steps: int, switch_fraction: float) -> dict:
+  """The main runs of the methods whose weights change during the run: {method: result}.
+
+  "online_doremi": the main model's excess over round 1's reference, from uniform weights
+  (`main/OnlineMixing.*` settings); "odm": EXP3 on the training loss, from uniform;
+  "schedule": natural weights, then offline DoReMi's from switch_fraction of the steps.
+  """
   uniform = {d: 1.0 for d in natural}
+  reference_dir = os.path.join(seed_dir, "round1", "reference")
   plan = {}
   if "online_doremi" in methods:
     plan["online_doremi"] = (uniform, {"online": _online_config("doremi"),
@@ -365,8 +364,7 @@ def _method_runs(methods, run_main, *, natural: dict, doremi_w: dict, tag: str, 
                      overrides={k: o for k, (_, o) in plan.items()})
   if "online_doremi" in results:
     results["online_doremi"]["cost"] = _reference_forward_cost(
-        os.path.join(os.path.dirname(os.path.dirname(reference_dir)), "main", "online_doremi"),
-        reference_dir)
+        os.path.join(seed_dir, "main", "online_doremi"), reference_dir)
   if f"schedule{tag}" in results:
     results["schedule"] = results.pop(f"schedule{tag}")
     results["schedule"]["setting"] = f"switch at step {switch} of {steps}"
