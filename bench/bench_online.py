@@ -12,7 +12,6 @@ The goal for online DoReMi is at most 1 + (reference forward / plain step): the 
 the weights' trip to the host (one step late, no extra wait) cost nothing beyond the forward.
 The host side, feeding the weights to the sampler, is timed on its own.
 """
-import argparse
 import os
 import statistics
 import sys
@@ -24,7 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from bench_train import MODELS, random_batch  # pylint: disable=g-import-not-at-top
+from bench_train import MODELS, parse_args, random_batch  # pylint: disable=g-import-not-at-top
 from doremi_jax import data as data_lib  # pylint: disable=g-import-not-at-top
 from doremi_jax import mixing  # pylint: disable=g-import-not-at-top
 from doremi_jax import mixing_log  # pylint: disable=g-import-not-at-top
@@ -93,12 +92,7 @@ def host_feed_seconds(steps=2000) -> float:
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--steps", type=int, default=20, help="steps per timed window")
-  p.add_argument("--models", default="tiny,20m")
-  p.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
-  args = p.parse_args(argv)
-  n = 3 if args.quick else args.steps
+  args, n = parse_args(__doc__.splitlines()[0], argv)
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}, 1 device, {os.cpu_count()} CPU "
         f"cores; medians of alternating windows of {n} steps\n")
   print(f"{'model':<6} {'B x L':>9} {'main step':>10} {'ref fwd/main':>13} "

@@ -108,13 +108,18 @@ def input_tokens_per_second(seq_len: int, batch: int) -> float:
   return measure_input_tokens_per_second(packed, batch, steps=200, sampling="mixture")
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(description: str, argv=None):
+  """(args, steps per timed window) of the step benchmarks' shared flags."""
+  p = argparse.ArgumentParser(description=description)
   p.add_argument("--steps", type=int, default=20, help="steps per timed window")
   p.add_argument("--models", default="tiny,20m")
   p.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
   args = p.parse_args(argv)
-  n = 3 if args.quick else args.steps
+  return args, 3 if args.quick else args.steps
+
+
+def main(argv=None):
+  args, n = parse_args(__doc__.splitlines()[0], argv)
   print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({len(jax.devices())} device(s) "
         f"visible, 1 used), {os.cpu_count()} CPU cores")
   peak = matmul_flops_per_second()

@@ -36,20 +36,26 @@ def synthetic_domains(rng, n_seq: int = 256) -> data.PackedDomains:
   }, split="train", sequence_length=L)
 
 
-def test_noise_domain_ends_near_the_floor():
+def trained_reference():
+  """(synthetic domains, model config, build_trainer arguments, reference parameters): a
+  reference of the tiny model trained STEPS steps on uniform batches."""
   packed = synthetic_domains(np.random.default_rng(0))
   k = len(packed.names)
   cfg = dataclasses.replace(helpers.TINY_CFG, vocab_size=V, emb_dim=64, head_dim=32, mlp_dim=256,
                             max_len=L)
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
   common = dict(model_cfg=cfg, mesh=mesh, global_batch_size=B, seq_len=L, total_steps=STEPS)
-
   ref = trainer_lib.build_trainer(**common, step_cfg=steps.StepConfig(num_domains=k))
   state = ref.init_fn(jax.random.key(0))
   batches = data.BatchIterator(packed, global_batch_size=B, seed=0, sampling="uniform")
   for _ in range(STEPS):
     state, _ = ref.step_fn(state, ref.make_batch(next(batches)))
-  ref_params = state.params
+  return packed, cfg, common, state.params
+
+
+def test_noise_domain_ends_near_the_floor():
+  packed, cfg, common, ref_params = trained_reference()
+  k = len(packed.names)
 
   smoothing = 1e-3
   proxy = trainer_lib.build_trainer(

@@ -16,17 +16,14 @@ What each did with the noise domain, measured (150 steps, seeds as below) and pi
   log V still differ token by token, and clipping keeps the positive half. Noise ends with
   0.364 of the weight (repeat 0.617, the others near the floor).
 """
-import dataclasses
-
 import jax
 import numpy as np
 import pytest
 
-from doremi_jax import data, mixing, mixing_log, sharding, steps, trainer as trainer_lib
-from tests import helpers
-from tests.test_doremi_behaviour import synthetic_domains
+from doremi_jax import data, mixing, mixing_log, steps, trainer as trainer_lib
+from tests.test_doremi_behaviour import trained_reference
 
-L, V, B, STEPS = 64, 259, 16, 150
+B, STEPS = 16, 150
 
 
 def _online_run(packed, cfg, common, method, ref_params):
@@ -54,17 +51,8 @@ def _online_run(packed, cfg, common, method, ref_params):
 
 @pytest.mark.slow
 def test_what_online_doremi_and_odm_do_with_a_noise_domain():
-  packed = synthetic_domains(np.random.default_rng(0))
+  packed, cfg, common, ref_params = trained_reference()
   k = len(packed.names)
-  cfg = dataclasses.replace(helpers.TINY_CFG, vocab_size=V, emb_dim=64, head_dim=32, mlp_dim=256,
-                            max_len=L)
-  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-  common = dict(model_cfg=cfg, mesh=mesh, global_batch_size=B, seq_len=L, total_steps=STEPS)
-  ref = trainer_lib.build_trainer(**common, step_cfg=steps.StepConfig(num_domains=k))
-  state = ref.init_fn(jax.random.key(0))
-  batches = data.BatchIterator(packed, global_batch_size=B, seed=0, sampling="uniform")
-  for _ in range(STEPS):
-    state, _ = ref.step_fn(state, ref.make_batch(next(batches)))
   noise = packed.names.index("noise")
 
   odm, _ = _online_run(packed, cfg, common, "odm", None)
@@ -74,7 +62,7 @@ def test_what_online_doremi_and_odm_do_with_a_noise_domain():
   assert np.all(np.abs(second_half - 1 / k) < 0.05)  # near uniform at this horizon
   assert np.all(odm >= float(mixing.exploration(STEPS + 1, k)) - 1e-6)  # the floor holds
 
-  dor, excess = _online_run(packed, cfg, common, "doremi", state.params)
+  dor, excess = _online_run(packed, cfg, common, "doremi", ref_params)
   second_half = dor[STEPS // 2:].mean(0)
   print("online DoReMi, mean weights over the second half:", dict(zip(packed.names, second_half)))
   print("online DoReMi, mean excess over the second half:",
