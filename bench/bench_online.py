@@ -37,8 +37,7 @@ def _trainer(cfg, batch, seq_len, online):
   run_cfg = run_lib.RunConfig(model_dir=None, mixture_or_task_name=None, seq_len=seq_len,
                               train_steps=1000, batch_size=batch, model=cfg, mesh_shape=(1, 1, 1),
                               online=online)
-  return run_lib.build_run(run_cfg, devices=jax.devices()[:1], abstract=True,
-                           num_domains=K).trainer
+  return run_lib.build_run(run_cfg, devices=jax.devices()[:1], abstract=True, num_domains=K).trainer
 
 
 def _runner(cfg, batch, seq_len, kind):
@@ -47,8 +46,8 @@ def _runner(cfg, batch, seq_len, kind):
   tr = _trainer(cfg, batch, seq_len, online)
   state = tr.init_fn(jax.random.key(0))
   if online is not None:
-    state = state.replace(mixing=mixing_log.initial_state(online, np.full(K, 1 / K),
-                                                          tr.state_shardings.mixing))
+    state = state.replace(
+        mixing=mixing_log.initial_state(online, np.full(K, 1 / K), tr.state_shardings.mixing))
   box = {"state": state}
   ref = tr.init_fn(jax.random.key(1)).params if kind in ("doremi", "ref_forward") else None
   b = tr.make_batch(random_batch(np.random.default_rng(0), batch, seq_len, cfg.vocab_size, K))

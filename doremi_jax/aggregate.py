@@ -181,9 +181,10 @@ def methods_over_seeds(per_seed: Mapping[str, Mapping]) -> dict:
   """{method: {eta: {baseline: stats}}}: aggregate.summarize on each method's comparisons."""
   names = sorted({m for s in per_seed.values() for m in (s.get("methods") or {})})
   return {
-      m: summarize(
-          {k: s["methods"][m] for k, s in per_seed.items() if m in (s.get("methods") or {})})
-      for m in names
+      m:
+          summarize({
+              k: s["methods"][m] for k, s in per_seed.items() if m in (s.get("methods") or {})
+          }) for m in names
   }
 
 
@@ -191,8 +192,10 @@ def methods_md(stats: Mapping) -> list[str]:
   lines = []
   for method, etas in stats.items():
     for eta, names in etas.items():
-      lines += [f"### `{method}` (eta {eta} for offline DoReMi)", "",
-                "| against | average | verdict | worst case | verdict |", "|---|---|---|---|---|"]
+      lines += [
+          f"### `{method}` (eta {eta} for offline DoReMi)", "",
+          "| against | average | verdict | worst case | verdict |", "|---|---|---|---|---|"
+      ]
       for name, st in names.items():
         lines.append(f"| {name} | {_pm(st['average'])} | {st['average']['verdict']} | "
                      f"{_pm(st['worst'])} | {st['worst']['verdict']} |")
@@ -218,8 +221,7 @@ def write(studies: Mapping, per_seed: Mapping[str, Mapping], out_dir: str) -> di
   }
   outputs.write_text(
       os.path.join(out_dir, outputs.REPORT),
-      render(studies, per_seed, stats, downstream) + "\n".join(
-          methods_md(methods)))
+      render(studies, per_seed, stats, downstream) + "\n".join(methods_md(methods)))
   outputs.write_json(os.path.join(out_dir, outputs.SUMMARY), summary)
   return summary
 

@@ -36,7 +36,8 @@ class MixingLog:
   def __init__(self, model_dir: str, domains, batches, *, online: Optional[mixing.OnlineConfig],
                start: int, state=None):
     self.path = os.path.join(model_dir, outputs.SAMPLING_WEIGHTS)
-    self.model_dir, self.domains, self.batches, self.online = model_dir, list(domains), batches, online
+    self.model_dir, self.domains, self.batches, self.online = model_dir, list(
+        domains), batches, online
     self._buffer, self._streak = [], 0
     outputs.truncate_jsonl(self.path, start)
     if online is not None:
@@ -78,14 +79,22 @@ class MixingLog:
     since = beaten_since(rows, min_steps=max(BEATEN_MIN_STEPS, int(BEATEN_MIN_FRACTION * steps)))
     final = jax.device_get(state.mixing.next_K)
     out = {
-        "method": self.online.method,
-        "config": dict(vars(self.online)),
-        "steps": steps,
-        "final_weights": dict(zip(self.domains, map(float, final))),
-        "average_weights": dict(zip(self.domains, map(float, w.mean(0)))) if w is not None else None,
-        "reference_beaten_from_step": since,
-        "steps_with_all_excess_zero": sum(1 for r in rows if r.get("excess_all_zero")),
-        "lag_steps": 1,
+        "method":
+            self.online.method,
+        "config":
+            dict(vars(self.online)),
+        "steps":
+            steps,
+        "final_weights":
+            dict(zip(self.domains, map(float, final))),
+        "average_weights":
+            dict(zip(self.domains, map(float, w.mean(0)))) if w is not None else None,
+        "reference_beaten_from_step":
+            since,
+        "steps_with_all_excess_zero":
+            sum(1 for r in rows if r.get("excess_all_zero")),
+        "lag_steps":
+            1,
     }
     outputs.write_json(os.path.join(self.model_dir, outputs.ONLINE), out)
     return out

@@ -145,8 +145,11 @@ def pipeline(pipeline_dir: str = gin.REQUIRED, *, domain_set: str = gin.REQUIRED
   etas = list(etas) if etas else [_scoped_doremi().eta]
   seeds, studies = list(seeds) if seeds else [None], {}
   main_tokens = main_steps * main_batch_size * sequence_length
-  bases = {b: _baseline_weights(b, natural, token_counts, main_tokens=main_tokens,
-                                unimax_max_epochs=unimax_max_epochs) for b in baselines}
+  bases = {
+      b:
+          _baseline_weights(b, natural, token_counts, main_tokens=main_tokens,
+                            unimax_max_epochs=unimax_max_epochs) for b in baselines
+  }
   for seed in seeds:
     seed_dir = pipeline_dir if len(seeds) == 1 else os.path.join(pipeline_dir, f"seed{seed}")
     stage_args = {"task_feature_lengths": {"targets": sequence_length}, "cache_dir": cache_dir}
@@ -166,11 +169,12 @@ def pipeline(pipeline_dir: str = gin.REQUIRED, *, domain_set: str = gin.REQUIRED
       method_results = _method_runs(methods, run_main, seed_dir, natural=natural, doremi_w=out_w,
                                     tag=tag, steps=main_steps, switch_fraction=schedule_switch)
       studies[(seed, eta)] = _study(
-          name or os.path.basename(os.path.normpath(pipeline_dir)), domain_set, rounds, converged,
-          {**results, **base_results}, _study_config(seed_dir, reference_weights, max_rounds,
-                                                     tag=tag),
-          (main_steps, main_batch_size, sequence_length), seed=seed, eta=eta,
-          methods=method_results)
+          name or os.path.basename(os.path.normpath(pipeline_dir)), domain_set, rounds, converged, {
+              **results,
+              **base_results
+          }, _study_config(seed_dir, reference_weights, max_rounds,
+                           tag=tag), (main_steps, main_batch_size, sequence_length), seed=seed,
+          eta=eta, methods=method_results)
   return _finish(studies, pipeline_dir)
 
 
@@ -352,16 +356,21 @@ def _method_runs(methods, run_main, seed_dir: str, *, natural: dict, doremi_w: d
   reference_dir = os.path.join(seed_dir, "round1", "reference")
   plan = {}
   if "online_doremi" in methods:
-    plan["online_doremi"] = (uniform, {"online": _online_config("doremi"),
-                                       "reference_dir": reference_dir})
+    plan["online_doremi"] = (uniform, {
+        "online": _online_config("doremi"),
+        "reference_dir": reference_dir
+    })
   if "odm" in methods:
     plan["odm"] = (uniform, {"online": _online_config("odm")})
   if "schedule" in methods:
     switch = min(steps - 1, max(1, int(round(switch_fraction * steps))))
     stages = schedule_lib.MixtureSchedule([(0, natural), (switch, doremi_w)])
     plan[f"schedule{tag}"] = (natural, {"sampling": stages})
-  results = run_main({k: w for k, (w, _) in plan.items()},
-                     overrides={k: o for k, (_, o) in plan.items()})
+  results = run_main({
+      k: w for k, (w, _) in plan.items()
+  }, overrides={
+      k: o for k, (_, o) in plan.items()
+  })
   if "online_doremi" in results:
     results["online_doremi"]["cost"] = _reference_forward_cost(
         os.path.join(seed_dir, "main", "online_doremi"), reference_dir)
@@ -380,8 +389,11 @@ def _reference_forward_cost(main_dir: str, reference_dir: str) -> Optional[dict]
   main, ref = (TransformerConfig(**i["model"]) for i in infos)
   length = infos[0]["sequence_length"]
   fraction = ref.flops_per_token(length) / 3 / main.flops_per_token(length)
-  return {"reference_forward_fraction": fraction, "reference_params": infos[1]["num_params"],
-          "main_params": infos[0]["num_params"]}
+  return {
+      "reference_forward_fraction": fraction,
+      "reference_params": infos[1]["num_params"],
+      "main_params": infos[0]["num_params"]
+  }
 
 
 def _changing_weights(main_dir: str) -> dict:

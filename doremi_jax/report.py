@@ -354,8 +354,7 @@ def render_markdown(study, summary, plots):
   downstream = report_downstream.section_md(study, summary["downstream"],
                                             plots.get("downstream_curves"))
   parts += [downstream] if downstream else []
-  methods = report_methods.section_md(summary, plots.get("weights_in_force"), _table,
-                                      _verdict_text)
+  methods = report_methods.section_md(summary, plots.get("weights_in_force"), _table, _verdict_text)
   parts += ([methods] if methods else []) + [_closing_md(summary)]
   return "\n\n".join(parts) + "\n"
 
@@ -483,8 +482,9 @@ def write_plots(study, summary, plot_dir):
       "downstream_curves":
           report_downstream.plot_curves(study, os.path.join(plot_dir, "downstream_vs_steps.png")),
       "weights_in_force":
-          report_methods.plot_weights_in_force(
-              study, os.path.join(plot_dir, "weights_in_force.png"), Figure, _colors),
+          report_methods.plot_weights_in_force(study, os.path.join(plot_dir,
+                                                                   "weights_in_force.png"), Figure,
+                                               _colors),
   }
   return {k: os.path.basename(v) for k, v in made.items() if v}
 

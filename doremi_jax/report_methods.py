@@ -80,8 +80,7 @@ def section_md(summary: Mapping, plot: Optional[str], table: Callable, verdict_t
       "## Other mixture methods", "",
       "Each method's main run has the same model, steps, batch and seed as the others (equal "
       "compute) and is compared like DoReMi's: difference = method - baseline, with "
-      f"`{OFFLINE}` (offline DoReMi's main run) as one more baseline. One seed: provisional.",
-      ""
+      f"`{OFFLINE}` (offline DoReMi's main run) as one more baseline. One seed: provisional.", ""
   ]
   if cost:
     lines += [cost, ""]
@@ -92,14 +91,18 @@ def section_md(summary: Mapping, plot: Optional[str], table: Callable, verdict_t
         verdict_text(c["verdict_worst"], c["delta_worst"], c["relative_worst"], tol),
         f"better on {c['domains_better']}/{c['num_domains']} domains"
     ] for b, c in m["baselines"].items()]
-    lines += [f"### `{name}`", "", m["description"] + (f" ({m['setting']})" if m.get("setting")
-                                                       else "") + ".", ""]
+    lines += [
+        f"### `{name}`", "",
+        m["description"] + (f" ({m['setting']})" if m.get("setting") else "") + ".", ""
+    ]
     lines += [table(["against", "average", "worst case", "domains"], rows), ""]
     lines += _flags(m)
     w = m.get("average_weights")
     if w:
-      lines += ["Mean sampling weights over the run: " +
-                ", ".join(f"{d} {v:.3f}" for d, v in w.items()), ""]
+      lines += [
+          "Mean sampling weights over the run: " + ", ".join(f"{d} {v:.3f}" for d, v in w.items()),
+          ""
+      ]
   if plot:
     lines.append(f"Sampling weights in force at each step of each method's main run:\n\n"
                  f"![weights in force]({plot})")

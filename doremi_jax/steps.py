@@ -140,8 +140,8 @@ def online_step(state: TrainState, ref_params, batch, *, model, ref_model, tx, c
   grads, loss, num_tokens, aux = _main_grads(state, batch, model=model, cfg=cfg, extra=extra)
   _, dom_sums, dom_counts, excess_sums = aux
   new_mixing = mixing.step(state.mixing, online, loss_sums_K=dom_sums, counts_K=dom_counts,
-                           rows_K=mixing.rows_per_domain(batch["domain_ids"], k),
-                           excess_sums_K=excess_sums)
+                           rows_K=mixing.rows_per_domain(batch["domain_ids"],
+                                                         k), excess_sums_K=excess_sums)
   metrics = _main_metrics(loss, grads, num_tokens, aux)
   metrics.update(sampling_weights=state.mixing.pending_K, next_sampling_weights=new_mixing.next_K)
   if online.needs_reference:

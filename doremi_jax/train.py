@@ -50,8 +50,7 @@ DoReMiConfig = gin.external_configurable(doremi_lib.DoReMiConfig, module="doremi
 # `train.sampling = @MixtureSchedule()` (stages, interpolation).
 OnlineMixing = gin.external_configurable(mixing.OnlineConfig, "OnlineMixing",
                                          module="doremi_jax.train")
-MixtureSchedule = gin.external_configurable(schedule_lib.MixtureSchedule,
-                                            module="doremi_jax.train")
+MixtureSchedule = gin.external_configurable(schedule_lib.MixtureSchedule, module="doremi_jax.train")
 
 
 def _given(value):
@@ -68,8 +67,7 @@ def run_config(model_dir: Optional[str] = gin.REQUIRED, *, mixture_or_task_name:
                checkpoint_every: int = 100, keep_checkpoints: int = 2, eval_every: int = 0,
                eval_batch_size: Optional[int] = None, eval_max_sequences: Optional[int] = None,
                doremi: Optional[doremi_lib.DoReMiConfig] = None,
-               online: Optional[mixing.OnlineConfig] = None,
-               reference_dir: Optional[str] = None,
+               online: Optional[mixing.OnlineConfig] = None, reference_dir: Optional[str] = None,
                optimizer: Optional[optim.OptimizerConfig] = None,
                model: Optional[TransformerConfig] = None, cache_dir: Optional[str] = None,
                pack_across_domains: bool = False, stop_after_steps: Optional[int] = None,
@@ -85,13 +83,13 @@ def run_config(model_dir: Optional[str] = gin.REQUIRED, *, mixture_or_task_name:
       model_dir=_given(model_dir), mixture_or_task_name=_given(mixture_or_task_name),
       seq_len=run_lib.sequence_length(lengths) if lengths is not None else None,
       train_steps=_given(train_steps), batch_size=_given(batch_size), model=model or
-      TransformerConfig(), optimizer=optimizer or optim.OptimizerConfig(), doremi=doremi, online=online,
-      reference_dir=_given(reference_dir), random_seed=random_seed, mesh_shape=tuple(mesh_shape),
-      sampling=sampling, accum_steps=accum_steps, z_loss=z_loss, log_every=log_every,
-      checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, eval_every=eval_every,
-      eval_batch_size=eval_batch_size, eval_max_sequences=eval_max_sequences, cache_dir=cache_dir,
-      pack_across_domains=pack_across_domains, stop_after_steps=stop_after_steps,
-      restore_step=restore_step, downstream=downstream)
+      TransformerConfig(), optimizer=optimizer or optim.OptimizerConfig(), doremi=doremi,
+      online=online, reference_dir=_given(reference_dir), random_seed=random_seed,
+      mesh_shape=tuple(mesh_shape), sampling=sampling, accum_steps=accum_steps, z_loss=z_loss,
+      log_every=log_every, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
+      eval_every=eval_every, eval_batch_size=eval_batch_size, eval_max_sequences=eval_max_sequences,
+      cache_dir=cache_dir, pack_across_domains=pack_across_domains,
+      stop_after_steps=stop_after_steps, restore_step=restore_step, downstream=downstream)
 
 
 def train(model_dir: Optional[str] = None, **overrides) -> dict:
@@ -157,8 +155,9 @@ def _start(run: run_lib.Run, ckpt: ckpt_lib.Checkpointer):
   if got.step is None:
     state = run.trainer.init_fn(jax.random.key(cfg.random_seed))
     if cfg.online is not None:  # starts from the input's initial weights
-      state = state.replace(mixing=mixing_log.initial_state(
-          cfg.online, run.batches.probs, run.trainer.state_shardings.mixing))
+      state = state.replace(
+          mixing=mixing_log.initial_state(cfg.online, run.batches.probs,
+                                          run.trainer.state_shardings.mixing))
     return state, 0
   run.batches.set_state(got.data_state)
   if got.set_aside or step is not None:
@@ -284,8 +283,7 @@ class _Loop:
 
   def _consume(self) -> None:
     if self.pending is not None:
-      self.last, tokens = _host_metrics(self.pending, self.run_.domains, self.trajectory,
-                                        self.mlog)
+      self.last, tokens = _host_metrics(self.pending, self.run_.domains, self.trajectory, self.mlog)
       self.tokens += tokens
       self.pending = None
 

@@ -169,8 +169,9 @@ def build_trainer(*, model_cfg: TransformerConfig, mesh: Mesh, global_batch_size
     dstate = (
         doremi.init_state(num_domains, initial_lambda, initial_alpha_K) if is_doremi else None)
     mstate = mixing.init_state(online, initial_sampling_K) if online is not None else None
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      doremi=dstate, mixing=mstate)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), doremi=dstate,
+        mixing=mstate)
 
   abstract_state = jax.eval_shape(init, jax.random.key(0))
   state_sh = TrainState(step=repl, params=param_sh, opt_state=opt_sh,
@@ -208,9 +209,10 @@ def _jit_steps(trainer: Trainer, model, tx, step_cfg: steps.StepConfig, rules,
     trainer.ref_shardings = ref_sh
     step = steps.online_step if step_cfg.online is not None else steps.proxy_step
     trainer.step_fn = jax.jit(
-        in_mesh(functools.partial(step, model=model, ref_model=ref_model, tx=tx, cfg=step_cfg),
-                mesh, rules), in_shardings=(state_sh, ref_sh, batch_sh),
-        out_shardings=(state_sh, repl), donate_argnums=(0,))
+        in_mesh(
+            functools.partial(step, model=model, ref_model=ref_model, tx=tx, cfg=step_cfg), mesh,
+            rules), in_shardings=(state_sh, ref_sh, batch_sh), out_shardings=(state_sh, repl),
+        donate_argnums=(0,))
   elif step_cfg.online is not None:  # ODM: no reference
     trainer.step_fn = jax.jit(
         in_mesh(

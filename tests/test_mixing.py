@@ -72,8 +72,8 @@ def test_odm_step_by_hand():
   want = [0.81 * 1.0 + 0.19 * 3 / 0.5, 0.9 * 2.0 + 0.1 * 4 / 0.3, 3.0]
   np.testing.assert_allclose(np.asarray(new.reward_K), want, rtol=1e-6)
   assert int(new.num_updates) == 10
-  np.testing.assert_allclose(np.asarray(policy), np.asarray(mixing.odm_policy(new.reward_K, 11,
-                                                                              cfg)))
+  np.testing.assert_allclose(
+      np.asarray(policy), np.asarray(mixing.odm_policy(new.reward_K, 11, cfg)))
 
 
 def test_online_doremi_is_the_papers_update_and_shifts_the_weights_in_flight():
@@ -97,12 +97,29 @@ def test_rows_per_domain():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"method": "greedy"}, "method='greedy'"),
-    ({"method": "odm", "reward_smoothing": 1.0}, "reward_smoothing=1.0"),
-    ({"method": "odm", "learning_rate": 0.0}, "learning_rate=0.0"),
-    ({"method": "odm", "exploration": 0.5}, r"exploration=0.5: the floor must be in \(0, 1/K\]"),
-    ({"method": "doremi", "eta": -1.0}, "eta=-1.0"),
-    ({"method": "doremi", "smoothing": 1.0}, "smoothing c=1.0"),
+    ({
+        "method": "greedy"
+    }, "method='greedy'"),
+    ({
+        "method": "odm",
+        "reward_smoothing": 1.0
+    }, "reward_smoothing=1.0"),
+    ({
+        "method": "odm",
+        "learning_rate": 0.0
+    }, "learning_rate=0.0"),
+    ({
+        "method": "odm",
+        "exploration": 0.5
+    }, r"exploration=0.5: the floor must be in \(0, 1/K\]"),
+    ({
+        "method": "doremi",
+        "eta": -1.0
+    }, "eta=-1.0"),
+    ({
+        "method": "doremi",
+        "smoothing": 1.0
+    }, "smoothing c=1.0"),
 ])
 def test_online_config_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -127,14 +144,35 @@ def test_schedule_stages_and_interpolation_by_hand():
 
 @pytest.mark.parametrize("stages,match", [
     ([], "stages is empty"),
-    ([(5, {"aa": 1})], "first stage must start at step 0"),
-    ([(0, {"aa": 1}), (8, {"bb": 1}), (8, {"cc": 1})], "steps must increase: 8 follows 8"),
-    ([(0, {"aa": 1}), (20, {"bb": 1})], "stage at step 20 never runs: the run has TRAIN_STEPS=20"),
-    ([(0, {"zz": 1})], "Unknown domain 'zz'"),
-    ([(0, {"aa": -1.0, "bb": 2})], "must be finite and >= 0"),
-    ([(0, {"aa": 0.0})], "sum to 0"),
+    ([(5, {
+        "aa": 1
+    })], "first stage must start at step 0"),
+    ([(0, {
+        "aa": 1
+    }), (8, {
+        "bb": 1
+    }), (8, {
+        "cc": 1
+    })], "steps must increase: 8 follows 8"),
+    ([(0, {
+        "aa": 1
+    }), (20, {
+        "bb": 1
+    })], "stage at step 20 never runs: the run has TRAIN_STEPS=20"),
+    ([(0, {
+        "zz": 1
+    })], "Unknown domain 'zz'"),
+    ([(0, {
+        "aa": -1.0,
+        "bb": 2
+    })], "must be finite and >= 0"),
+    ([(0, {
+        "aa": 0.0
+    })], "sum to 0"),
     ([(0, 0.5)], "must be a {domain: weight} dict or a weights file"),
-    ([(-1, {"aa": 1})], "starts at -1"),
+    ([(-1, {
+        "aa": 1
+    })], "starts at -1"),
     ([(0,)], r"give \(start_step, weights\)"),
 ])
 def test_schedule_errors(stages, match):
@@ -186,8 +224,13 @@ def test_no_repeat_within_a_pass_across_changes(packed):
 
 
 def test_schedule_host_slices_and_resume_across_a_change(packed):
-  sampling = schedule.MixtureSchedule([(0, {"aa": 1.0, "bb": 1.0}),
-                                       (3, {"cc": 1.0, "aa": 0.2})]).resolve(packed.names)
+  sampling = schedule.MixtureSchedule([(0, {
+      "aa": 1.0,
+      "bb": 1.0
+  }), (3, {
+      "cc": 1.0,
+      "aa": 0.2
+  })]).resolve(packed.names)
   glob = data.BatchIterator(packed, global_batch_size=8, seed=5, sampling=sampling)
   want = [next(glob) for _ in range(6)]
   hosts = [

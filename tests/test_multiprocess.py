@@ -93,7 +93,8 @@ def test_doremi_resume_onto_another_process_count(reference_dir, tmp_path):
     "run_file",
     # A schedule's host slices across a change are also checked on the input alone
     # (test_mixing.py); end to end it is slow.
-    ["runs/online_doremi.gin", pytest.param("runs/schedule.gin", marks=pytest.mark.slow)])
+    ["runs/online_doremi.gin",
+     pytest.param("runs/schedule.gin", marks=pytest.mark.slow)])
 def test_changing_weights_two_processes_equal_one_process(reference_dir, tmp_path, run_file):
   """Online DoReMi (weights from the state, one step late) and a schedule (a change at step
   7 of 8): 2 processes x 4 devices draw the same batches and weights as 1 x 8."""
@@ -103,17 +104,16 @@ def test_changing_weights_two_processes_equal_one_process(reference_dir, tmp_pat
                            extra=["--gin.train.eval_every=0", *helpers.SCHEDULE_FLAGS])
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
   helpers.run([sys.executable, *args(one)])
-  helpers.run([
-      sys.executable, LAUNCHER, "--num_processes=2", "--devices_per_process=4", "--",
-      *args(two)
-  ])
+  helpers.run(
+      [sys.executable, LAUNCHER, "--num_processes=2", "--devices_per_process=4", "--", *args(two)])
   m1, m2 = helpers.read_metrics(one), helpers.read_metrics(two)
   assert [m["step"] for m in m1] == [m["step"] for m in m2] == list(range(1, 9))
   for a, b in zip(m1, m2):
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5, atol=1e-6)
     assert list(a["domain_loss"]) == list(b["domain_loss"])  # the same domains drawn
-    np.testing.assert_allclose(list(a["sampling_weights"].values()),
-                               list(b["sampling_weights"].values()), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        list(a["sampling_weights"].values()), list(b["sampling_weights"].values()), rtol=1e-5,
+        atol=1e-7)
   w = [m["sampling_weights"] for m in m1]
   assert w[0] != w[-1], "the weights never changed"
 

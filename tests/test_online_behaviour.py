@@ -32,8 +32,8 @@ def _online_run(packed, cfg, common, method, ref_params):
   tr = trainer_lib.build_trainer(**common, ref_model_cfg=cfg if method == "doremi" else None,
                                  step_cfg=steps.StepConfig(num_domains=k, online=online))
   state = tr.init_fn(jax.random.key(1))
-  state = state.replace(mixing=mixing_log.initial_state(online, np.full(k, 1 / k),
-                                                        tr.state_shardings.mixing))
+  state = state.replace(
+      mixing=mixing_log.initial_state(online, np.full(k, 1 / k), tr.state_shardings.mixing))
   feed = data.OnlineWeights(k)
   feed.set(0, np.full(k, 1 / k))
   feed.set(1, np.full(k, 1 / k))
@@ -41,8 +41,8 @@ def _online_run(packed, cfg, common, method, ref_params):
   batches.follow(feed)
   weights, excess = [], []
   for s in range(STEPS):
-    state, m = tr.step_fn(*trainer_lib.step_args(tr, state, tr.make_batch(next(batches)),
-                                                  ref_params))
+    state, m = tr.step_fn(
+        *trainer_lib.step_args(tr, state, tr.make_batch(next(batches)), ref_params))
     feed.set(s + 2, np.asarray(m["next_sampling_weights"]))
     weights.append(np.asarray(m["sampling_weights"]))
     excess.append(np.asarray(m.get("domain_excess", np.zeros(k))))

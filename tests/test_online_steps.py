@@ -25,8 +25,11 @@ def _mesh(shape):
 
 @functools.lru_cache(maxsize=None)
 def _trainer(kind, mesh_shape=(1, 1, 1)):
-  online = {"train": None, "odm": mixing.OnlineConfig(method="odm"),
-            "doremi": mixing.OnlineConfig(method="doremi")}.get(kind)
+  online = {
+      "train": None,
+      "odm": mixing.OnlineConfig(method="odm"),
+      "doremi": mixing.OnlineConfig(method="doremi")
+  }.get(kind)
   proxy = kind == "proxy"
   step_cfg = steps.StepConfig(num_domains=K, online=online,
                               doremi=doremi.DoReMiConfig() if proxy else None)
@@ -46,8 +49,8 @@ def _run(kind, n=3, mesh_shape=(1, 1, 1), initial=(0.2, 0.3, 0.5)):
   tr = _trainer(kind, mesh_shape)
   state0, ref = _host_init()
   if kind in ("odm", "doremi"):
-    state = state0.replace(mixing=mixing_log.initial_state(tr.step_cfg.online, initial,
-                                                           tr.state_shardings.mixing))
+    state = state0.replace(
+        mixing=mixing_log.initial_state(tr.step_cfg.online, initial, tr.state_shardings.mixing))
   elif kind == "proxy":
     state = state0.replace(doremi=jax.tree.map(np.array, doremi.init_state(K)))
   else:

@@ -31,8 +31,8 @@ def test_missing_downstream_data_stops_before_the_first_stage(tmp_path):
   `tfds build` commands, before the reference trains."""
   out = tmp_path / "study"
   env = {**helpers.child_env(devices=1), "TFDS_DATA_DIR": str(tmp_path / "no_tfds")}
-  proc = helpers.run(_pipeline_cmd(out, "--gin.main/DownstreamConfig.suite='paper'"), env=env,
-                     check=False)
+  proc = helpers.run(
+      _pipeline_cmd(out, "--gin.main/DownstreamConfig.suite='paper'"), env=env, check=False)
   assert proc.returncode != 0 and "Traceback" not in proc.stderr
   for name in ("trivia_qa/unfiltered.nocontext", "natural_questions_open", "web_questions",
                "squad/v2.0", "lambada"):

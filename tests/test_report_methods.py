@@ -9,27 +9,75 @@ DOMAINS = ["code", "prose"]
 
 
 def _evals(avg):
-  return [{"step": s, "per_domain": {"code": a - 0.1, "prose": a + 0.1}, "average": a,
-           "worst": a + 0.1} for s, a in zip((2, 4), avg)]
+  return [{
+      "step": s,
+      "per_domain": {
+          "code": a - 0.1,
+          "prose": a + 0.1
+      },
+      "average": a,
+      "worst": a + 0.1
+  } for s, a in zip((2, 4), avg)]
 
 
 def _study(online_avg=(3.0, 2.0), beaten_from=None):
-  rows = [{"step": s, "weights": {"code": 0.5 + 0.1 * s, "prose": 0.5 - 0.1 * s}}
-          for s in (1, 2, 3, 4)]
+  rows = [{
+      "step": s,
+      "weights": {
+          "code": 0.5 + 0.1 * s,
+          "prose": 0.5 - 0.1 * s
+      }
+  } for s in (1, 2, 3, 4)]
   return {
-      "name": "t", "mixture": "demo", "domains": DOMAINS, "rounds": [], "converged": False,
-      "config": {}, "seed": None, "eta": 1.0,
-      "equal_compute": {"train_steps": 4, "batch_size": 8, "seq_len": 32, "tokens": 1024},
-      "mains": {"doremi": {"weights": {"code": 0.6, "prose": 0.4}, "evals": _evals((3.0, 2.5))},
-                "uniform": {"weights": {"code": 0.5, "prose": 0.5}, "evals": _evals((3.0, 2.4))}},
+      "name": "t",
+      "mixture": "demo",
+      "domains": DOMAINS,
+      "rounds": [],
+      "converged": False,
+      "config": {},
+      "seed": None,
+      "eta": 1.0,
+      "equal_compute": {
+          "train_steps": 4,
+          "batch_size": 8,
+          "seq_len": 32,
+          "tokens": 1024
+      },
+      "mains": {
+          "doremi": {
+              "weights": {
+                  "code": 0.6,
+                  "prose": 0.4
+              },
+              "evals": _evals((3.0, 2.5))
+          },
+          "uniform": {
+              "weights": {
+                  "code": 0.5,
+                  "prose": 0.5
+              },
+              "evals": _evals((3.0, 2.4))
+          }
+      },
       "methods": {
           "online_doremi": {
-              "weights": {"code": 0.75, "prose": 0.25}, "evals": _evals(online_avg),
+              "weights": {
+                  "code": 0.75,
+                  "prose": 0.25
+              },
+              "evals": _evals(online_avg),
               "trajectory": rows,
-              "cost": {"reference_forward_fraction": 0.125, "reference_params": 1000,
-                       "main_params": 3000},
-              "online": {"method": "doremi", "steps": 4, "reference_beaten_from_step": beaten_from,
-                         "steps_with_all_excess_zero": 0 if beaten_from is None else 2}
+              "cost": {
+                  "reference_forward_fraction": 0.125,
+                  "reference_params": 1000,
+                  "main_params": 3000
+              },
+              "online": {
+                  "method": "doremi",
+                  "steps": 4,
+                  "reference_beaten_from_step": beaten_from,
+                  "steps_with_all_excess_zero": 0 if beaten_from is None else 2
+              }
           }
       },
   }

@@ -120,7 +120,8 @@ def test_sigterm_saves_exits_cleanly_and_resumes(baseline, tmp_path):
     "run_file",
     # The schedule's resume across a change is also checked on the input alone
     # (test_mixing.py); end to end it is slow.
-    ["runs/online_doremi.gin", pytest.param("runs/schedule.gin", marks=pytest.mark.slow)])
+    ["runs/online_doremi.gin",
+     pytest.param("runs/schedule.gin", marks=pytest.mark.slow)])
 def test_changing_weights_kill9_resume_equals_uninterrupted(tmp_path, run_file):
   """Killed after its step-5 checkpoint and past a weight change (online DoReMi: every step;
   the schedule: step 7), before the next checkpoint (10): resumed, it draws the same batches
