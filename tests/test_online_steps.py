@@ -24,14 +24,14 @@ def _mesh(shape):
 
 
 @functools.lru_cache(maxsize=None)
-def _trainer(kind, mesh_shape=(1, 1, 1)):
+def _trainer(kind, mesh_shape=(1, 1, 1), accum=1):
   online = {
       "train": None,
       "odm": mixing.OnlineConfig(method="odm"),
       "doremi": mixing.OnlineConfig(method="doremi")
   }.get(kind)
   proxy = kind == "proxy"
-  step_cfg = steps.StepConfig(num_domains=K, online=online,
+  step_cfg = steps.StepConfig(num_domains=K, online=online, accum_steps=accum,
                               doremi=doremi.DoReMiConfig() if proxy else None)
   ref = CFG if kind in ("proxy", "doremi") else None
   return trainer_lib.build_trainer(model_cfg=CFG, mesh=_mesh(mesh_shape), global_batch_size=B,
@@ -45,8 +45,8 @@ def _host_init():
   return jax.tree.map(np.asarray, init(0)), jax.tree.map(np.asarray, init(1).params)
 
 
-def _run(kind, n=3, mesh_shape=(1, 1, 1), initial=(0.2, 0.3, 0.5)):
-  tr = _trainer(kind, mesh_shape)
+def _run(kind, n=3, mesh_shape=(1, 1, 1), initial=(0.2, 0.3, 0.5), accum=1):
+  tr = _trainer(kind, mesh_shape, accum)
   state0, ref = _host_init()
   if kind in ("odm", "doremi"):
     state = state0.replace(
@@ -106,3 +106,10 @@ def test_online_step_sharded_equals_one_device(kind):
     for key in ("loss", "next_sampling_weights", "sampling_weights"):
       np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
   np.testing.assert_allclose(s1.mixing.next_K, s8.mixing.next_K, rtol=1e-5, atol=1e-7)
+
+
+def test_online_doremi_accumulation_equals_full_batch():
+  (_, full), (_, accum) = _run("doremi"), _run("doremi", accum=2)
+  for a, b in zip(full, accum):
+    for key in ("loss", "domain_excess", "next_sampling_weights"):
+      np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
