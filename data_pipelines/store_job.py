@@ -87,8 +87,6 @@ def _beam_error(e: Exception) -> Optional[Exception]:
 def run(dset, split, length, meta, rows_per_shard, num_workers, pipeline_args, groups,
         fallback, job) -> tuple[dict, dict]:
   """Runs the Beam build into job["bdir"]: (the build's manifest, Beam counters)."""
-  import apache_beam as beam  # pylint: disable=g-import-not-at-top
-  from apache_beam.metrics import metric  # pylint: disable=g-import-not-at-top
   files = [path for g in groups for path in g["files"]]
   total = sum(store.file_size(path) for path in files)
   units = len(files) + len(fallback)
@@ -98,10 +96,12 @@ def run(dset, split, length, meta, rows_per_shard, num_workers, pipeline_args, g
        f"log: {job['log'] or 'stderr (--verbose)'}.")
   progress = store_builds.ProgressLine(split, store_builds.progress_dir(job["bdir"]), total,
                                        units, echo)
-  runner, options = _runner_and_options(pipeline_args, num_workers)
   try:
     with store_builds.Heartbeat(job["bdir"], tick=progress.tick), \
         store_builds.beam_logs_to(job["log"]):
+      import apache_beam as beam  # pylint: disable=g-import-not-at-top
+      from apache_beam.metrics import metric  # pylint: disable=g-import-not-at-top
+      runner, options = _runner_and_options(pipeline_args, num_workers)
       p = beam.Pipeline(runner=runner, options=options)
       _pipeline(p, dset, split, length, job["bdir"], meta, rows_per_shard, groups, fallback, job)
       result = p.run()

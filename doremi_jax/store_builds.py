@@ -356,7 +356,7 @@ def progress_text(split: str, p: dict, total_bytes: int, units: int, elapsed_s: 
   text = f"{split}: {p['docs']:,} documents, {p['units_done']}/{units} files"
   if total_bytes:
     rate = p["bytes"] / 1e6 / max(elapsed_s, 1e-9)
-    text += f", {p['bytes'] / 1e6:.1f} of {total_bytes / 1e6:.1f} MB, {rate:.1f} MB/s"
+    text += f", {p['bytes'] / 1e6:.1f} of {total_bytes / 1e6:.1f} MB, {rate:.3g} MB/s"
     if p["bytes"]:
       text += f", ETA {max(0.0, (total_bytes - p['bytes']) / 1e6 / max(rate, 1e-9)):.0f}s"
   return text
