@@ -214,15 +214,21 @@ def build_store(domain_set: str, split: str, sequence_length: int, store_dir: st
       raise StoreBuildError(f"Domain {d!r} has no {split!r} split (splits: "
                             f"{list(task.source.splits)}).")
   build_id = store_builds.new_build_id()
-  job = {"split": split, "store_dir": store_dir, "sdir": sdir, "bdir": store_builds.build_dir(sdir, build_id),
-         "log": None if verbose else store_builds.log_path(sdir, build_id),
-         "start": time.monotonic()}
+  job = {
+      "split": split,
+      "store_dir": store_dir,
+      "sdir": sdir,
+      "bdir": store_builds.build_dir(sdir, build_id),
+      "log": None if verbose else store_builds.log_path(sdir, build_id),
+      "start": time.monotonic()
+  }
   job["tokenizer"] = tokenizer_spec(dset.vocabulary)
   built, counters = store_job.run(dset, split, sequence_length, meta, rows_per_shard, num_workers,
-                         pipeline_args, groups, fallback, job)
+                                  pipeline_args, groups, fallback, job)
   args = list(build_args or [f"--domain_set={dset.name}", f"--sequence_length={sequence_length}"])
-  return store_job.publish(dict(built, build=f"{store_builds.BUILDS}/{build_id}", build_args=args),
-                           counters, old if overwrite else None, job)
+  return store_job.publish(
+      dict(built, build=f"{store_builds.BUILDS}/{build_id}", build_args=args), counters,
+      old if overwrite else None, job)
 
 
 def default_store_root() -> str:
@@ -337,7 +343,6 @@ def main(argv=None):
                 k: manifest[k] for k in ("domain_set", "split", "rows", "tokens", "raw_lines")
             }
         }))
-
 
 
 def _rebuild_args(argv: Sequence[str]) -> list[str]:

@@ -43,10 +43,10 @@ def _pipeline(p, dset, split, length, bdir, meta, rows_per_shard, groups, fallba
   stage1 = []
   units = [(gi, fi, path) for gi, g in enumerate(groups) for fi, path in enumerate(g["files"])]
   if units:
-    stage1.append(p | "RawFiles" >> beam.Create(units)
-                  | "SpreadFiles" >> beam.Reshuffle()
-                  | "ReadFile" >> beam.ParDo(
-                      store_beam.ReadFile(groups, job["tokenizer"], tmp_dir, pdir)))
+    stage1.append(
+        p | "RawFiles" >> beam.Create(units)
+        | "SpreadFiles" >> beam.Reshuffle()
+        | "ReadFile" >> beam.ParDo(store_beam.ReadFile(groups, job["tokenizer"], tmp_dir, pdir)))
   if fallback:
     tasks = [(d, t) for d, t in dset.tasks() if d in fallback]
     stage1.append(
@@ -84,8 +84,8 @@ def _beam_error(e: Exception) -> Optional[Exception]:
   return None
 
 
-def run(dset, split, length, meta, rows_per_shard, num_workers, pipeline_args, groups,
-        fallback, job) -> tuple[dict, dict]:
+def run(dset, split, length, meta, rows_per_shard, num_workers, pipeline_args, groups, fallback,
+        job) -> tuple[dict, dict]:
   """Runs the Beam build into job["bdir"]: (the build's manifest, Beam counters)."""
   files = [path for g in groups for path in g["files"]]
   total = sum(store.file_size(path) for path in files)
@@ -94,8 +94,8 @@ def run(dset, split, length, meta, rows_per_shard, num_workers, pipeline_args, g
        f"files ({total / 1e6:.1f} MB), {len(dset.domains)} domains ({len(fallback)} read via "
        f"their task), {num_workers} worker(s); build {os.path.basename(job['bdir'])}; Beam's "
        f"log: {job['log'] or 'stderr (--verbose)'}.")
-  progress = store_builds.ProgressLine(split, store_builds.progress_dir(job["bdir"]), total,
-                                       units, echo)
+  progress = store_builds.ProgressLine(split, store_builds.progress_dir(job["bdir"]), total, units,
+                                       echo)
   try:
     with store_builds.Heartbeat(job["bdir"], tick=progress.tick), \
         store_builds.beam_logs_to(job["log"]):
@@ -136,10 +136,11 @@ def publish(manifest: dict, counters: dict, replaced: Optional[dict], job: dict)
   if not created:
     store.remove_tree(bdir)
     echo(f"Another build published {sdir} first ({published.get('build')}); kept it and "
-          f"removed this build's files.")
+         f"removed this build's files.")
     if published.get("build_key") != manifest["build_key"]:
-      raise StoreBuildError(f"Another build published {sdir} from other inputs while this one "
-                            f"ran; rebuild it: `{store.rebuild_command(manifest, job['store_dir'], job['split'])}`.")
+      raise StoreBuildError(
+          f"Another build published {sdir} from other inputs while this one "
+          f"ran; rebuild it: `{store.rebuild_command(manifest, job['store_dir'], job['split'])}`.")
     return dict(published, counters=counters)
   if (published or {}).get("build") != manifest["build"]:  # gs://: another rename landed too
     store_builds.write_heartbeat(bdir, state="retired")  # removed once stale
@@ -148,6 +149,6 @@ def publish(manifest: dict, counters: dict, replaced: Optional[dict], job: dict)
   store_builds.remove_file(os.path.join(bdir, store_builds.HEARTBEAT))
   store_builds.retire(sdir, replaced)
   echo(f"Built {sdir}: {manifest['rows']:,} rows, {manifest['tokens']:,} tokens, "
-        f"{counters.get('documents', 0):,} documents in {time.monotonic() - job['start']:.1f}s "
-        f"(published {manifest['build']}).")
+       f"{counters.get('documents', 0):,} documents in {time.monotonic() - job['start']:.1f}s "
+       f"(published {manifest['build']}).")
   return dict(manifest, counters=counters)

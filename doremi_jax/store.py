@@ -185,8 +185,10 @@ def rebuild_command(manifest: Optional[Mapping[str, Any]], store_dir: str, split
   its manifest) with --split, --store_dir and --overwrite."""
   args = list((manifest or {}).get("build_args") or [])
   if not args:
-    args = [f"--domain_set={domain_set or (manifest or {}).get('domain_set', '<domain set>')}",
-            f"--sequence_length={sequence_length or (manifest or {}).get('sequence_length', 0)}"]
+    args = [
+        f"--domain_set={domain_set or (manifest or {}).get('domain_set', '<domain set>')}",
+        f"--sequence_length={sequence_length or (manifest or {}).get('sequence_length', 0)}"
+    ]
   args += [f"--split={split}", f"--store_dir={store_dir}", "--overwrite"]
   return "python -m data_pipelines.build_store " + shlex.join(args)
 
@@ -325,8 +327,7 @@ class StoreDomains:
   @classmethod
   def open(cls, store_dir: str, *, split: str = "train", domain_set: Optional[str] = None,
            vocabulary_key: Optional[str] = None, sequence_length: Optional[int] = None,
-           cache_dir: Optional[str] = None,
-           reader_options: Optional[Mapping[str, str]] = None,
+           cache_dir: Optional[str] = None, reader_options: Optional[Mapping[str, str]] = None,
            remote_timeout_s: Optional[float] = REMOTE_TIMEOUT_S) -> "StoreDomains":
     """Opens a complete store, refusing one built for another run.
 

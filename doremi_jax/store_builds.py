@@ -45,7 +45,6 @@ STALE_AFTER_S = 3600.0  # no heartbeat for this long: the build is dead (any hos
 WAIT_TIMEOUT_S = 7200.0  # a process waiting for another's build gives up after this long
 _PUBLISH_LOCK = threading.Lock()  # makes check-then-rename atomic within a process (ram://)
 
-
 # ------------------------------------------------------------------ builds
 
 
@@ -97,8 +96,8 @@ def build_state(bdir: str, stale_after_s: float) -> dict:
   if beat is None and not store.is_remote(bdir) and os.path.exists(bdir):
     age = time.time() - os.path.getmtime(bdir)
   st = {"dir": bdir, "beat": beat, "age_s": age, "dead": False, "why": ""}
-  if (beat and beat.get("state") == "building" and beat.get("host") == socket.gethostname()
-      and not _pid_alive(int(beat["pid"]))):
+  if (beat and beat.get("state") == "building" and beat.get("host") == socket.gethostname() and
+      not _pid_alive(int(beat["pid"]))):
     st.update(dead=True, why=f"its process {beat['pid']} on this host is gone")
   elif age is not None and age > stale_after_s:
     st.update(dead=True, why=f"no heartbeat for {age:.0f}s > {stale_after_s:.0f}s")
@@ -228,8 +227,13 @@ def progress_dir(bdir: str) -> str:
 
 def write_progress(pdir: str, unit: str, docs: int, done_bytes: int, done: bool) -> None:
   store.makedirs(pdir)
-  store.write_atomic(os.path.join(pdir, f"{unit}.json"),
-                     json.dumps({"docs": docs, "bytes": done_bytes, "done": done}).encode())
+  store.write_atomic(
+      os.path.join(pdir, f"{unit}.json"),
+      json.dumps({
+          "docs": docs,
+          "bytes": done_bytes,
+          "done": done
+      }).encode())
 
 
 def read_progress(pdir: str) -> dict:
@@ -252,8 +256,9 @@ def read_progress(pdir: str) -> dict:
 
 def log_path(split_dir: str, build_id: str) -> str:
   """Where a build's Beam log goes: in the store for local stores, else the temp dir."""
-  root = (os.path.join(tempfile.gettempdir(), "doremi_jax_store_logs")
-          if store.is_remote(split_dir) else os.path.join(split_dir, "logs"))
+  root = (
+      os.path.join(tempfile.gettempdir(), "doremi_jax_store_logs")
+      if store.is_remote(split_dir) else os.path.join(split_dir, "logs"))
   os.makedirs(root, exist_ok=True)
   return os.path.join(root, f"{build_id}.log")
 
@@ -301,9 +306,9 @@ def beam_logs_to(path: Optional[str]):
 # -------------------------------------------------------------------- wait
 
 
-def wait_published(store_dir: str, split: str, *, command: str,
-                   timeout_s: float = WAIT_TIMEOUT_S, poll_s: float = 5.0,
-                   log_every_s: float = 60.0, remote_timeout_s: float = store.REMOTE_TIMEOUT_S,
+def wait_published(store_dir: str, split: str, *, command: str, timeout_s: float = WAIT_TIMEOUT_S,
+                   poll_s: float = 5.0, log_every_s: float = 60.0,
+                   remote_timeout_s: float = store.REMOTE_TIMEOUT_S,
                    echo: Callable[[str], None] = logging.warning) -> dict:
   """Waits for another process's or job's build of the split to publish its manifest,
   saying what it waits for every log_every_s; IncompleteStoreError (one line) after

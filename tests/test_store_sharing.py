@@ -42,8 +42,13 @@ def _write_corpus(write, root, n_files=3, per_file=400):
     lines = []
     for i in range(per_file):
       d = DOMAINS[rng.integers(len(DOMAINS))]
-      lines.append(json.dumps({"text": f"{d} {f}.{i} " + "ab c" * int(rng.integers(1, 80)),
-                               "meta": {"src": d}}))
+      lines.append(
+          json.dumps({
+              "text": f"{d} {f}.{i} " + "ab c" * int(rng.integers(1, 80)),
+              "meta": {
+                  "src": d
+              }
+          }))
     paths.append(os.path.join(root, f"p{f}.jsonl"))
     write(paths[-1], "\n".join(lines) + "\n")
   return paths
@@ -144,9 +149,8 @@ def test_concurrent_builds_all_succeed_with_one_store(corpus, tmp_path, n):
   outs = [p.communicate(timeout=300) for p in procs]
   assert [p.returncode for p in procs] == [0] * n, [o[1][-2000:] for o in outs]
   assert _digest(store_dir) == _digest(corpus["ref"])
-  assert store_builds.list_builds(os.path.join(store_dir, "train")) == [
-      _published(store_dir)["build"].split("/")[-1]
-  ]
+  assert store_builds.list_builds(os.path.join(
+      store_dir, "train")) == [_published(store_dir)["build"].split("/")[-1]]
   stdout = [o[0] for o in outs]
   assert sum("Built " in s for s in stdout) == 1
   assert sum("Another build published" in s for s in stdout) == n - 1
@@ -184,8 +188,8 @@ def test_concurrent_builds_in_threads_local(corpus, tmp_path):
   # The default suite's check of the same on a local disk: three builds in threads of one
   # process (the processes' test above is slow). Catches: two publishes, losers' leftovers.
   store_dir = str(tmp_path / "s")
-  results = _in_threads(3, lambda: build_store.build_store(NAME, "train", L, store_dir,
-                                                           rows_per_shard=50))
+  results = _in_threads(
+      3, lambda: build_store.build_store(NAME, "train", L, store_dir, rows_per_shard=50))
   assert {r["build"] for r in results} == {_published(store_dir)["build"]}
   assert _digest(store_dir) == _digest(corpus["ref"])
   assert len(store_builds.list_builds(os.path.join(store_dir, "train"))) == 1
@@ -237,9 +241,8 @@ def test_reader_keeps_the_published_build_during_a_rebuild(corpus, tmp_path):
       np.testing.assert_array_equal(st.rows(d, idx)["targets"], want[d])
   assert len(store_builds.list_builds(os.path.join(store_dir, "train"))) == 2
   build_store.build_store(NAME, "train", L, store_dir, rows_per_shard=50, stale_after_s=0)
-  assert store_builds.list_builds(os.path.join(store_dir, "train")) == [
-      _published(store_dir)["build"].split("/")[-1]
-  ]
+  assert store_builds.list_builds(os.path.join(
+      store_dir, "train")) == [_published(store_dir)["build"].split("/")[-1]]
 
 
 def test_wait_gives_up_with_one_line(corpus, tmp_path, capsys):
@@ -262,8 +265,8 @@ def test_wait_returns_when_another_process_publishes(corpus, tmp_path):
   builder = threading.Timer(
       1.0, lambda: build_store.build_store(NAME, "train", L, store_dir, rows_per_shard=50))
   builder.start()
-  st = build_store.open_store(f"{NAME}_uniform", "train", L, store_dir=store_dir,
-                              process_index=1, wait_timeout_s=120)
+  st = build_store.open_store(f"{NAME}_uniform", "train", L, store_dir=store_dir, process_index=1,
+                              wait_timeout_s=120)
   builder.join()
   assert st.num_sequences == store.StoreDomains.open(corpus["ref"]).num_sequences
 
@@ -312,8 +315,8 @@ def test_ram_concurrent_builds_publish_one(ram_corpus):
   # Catches on a tf.io.gfile scheme (gs:// stand-in): two publishes of one store, and
   # losers' leftovers.
   store_dir = "ram://share_store_conc"
-  results = _in_threads(3, lambda: build_store.build_store("stoshareram", "train", L, store_dir,
-                                                           rows_per_shard=50))
+  results = _in_threads(
+      3, lambda: build_store.build_store("stoshareram", "train", L, store_dir, rows_per_shard=50))
   assert {r["build"] for r in results} == {_published(store_dir)["build"]}
   assert _digest(store_dir, shards_only=True) == _digest(ram_corpus["ref"], shards_only=True)
   assert len(store_builds.list_builds(f"{store_dir}/train")) == 1
@@ -326,10 +329,24 @@ def test_ram_dead_builds_removed_live_kept(ram_corpus):
   gone = subprocess.Popen(["true"])
   gone.wait()
   beats = {
-      "dead_pid": {"pid": gone.pid, "time": time.time()},
-      "stale": {"pid": os.getpid(), "time": time.time() - 7200, "host": "elsewhere"},
-      "live": {"pid": os.getpid(), "time": time.time()},
-      "live_elsewhere": {"pid": 1, "time": time.time(), "host": "elsewhere"},
+      "dead_pid": {
+          "pid": gone.pid,
+          "time": time.time()
+      },
+      "stale": {
+          "pid": os.getpid(),
+          "time": time.time() - 7200,
+          "host": "elsewhere"
+      },
+      "live": {
+          "pid": os.getpid(),
+          "time": time.time()
+      },
+      "live_elsewhere": {
+          "pid": 1,
+          "time": time.time(),
+          "host": "elsewhere"
+      },
   }
   for name, beat in beats.items():
     bdir = store_builds.build_dir(sdir, name)
@@ -345,14 +362,12 @@ def test_ram_dead_builds_removed_live_kept(ram_corpus):
 def test_ram_rebuild_and_wait(ram_corpus, caplog):
   store_dir = "ram://share_store_rebuild"
   with pytest.raises(store.IncompleteStoreError, match=r"^No published store in ram://[^\n]*$"):
-    store_builds.wait_published(store_dir, "train", command="build it", timeout_s=0.5,
-                                poll_s=0.1)
+    store_builds.wait_published(store_dir, "train", command="build it", timeout_s=0.5, poll_s=0.1)
   assert "Waiting for the token store ram://share_store_rebuild/train" in caplog.text
   build_store.build_store("stoshareram", "train", L, store_dir, rows_per_shard=50)
   reader = store.StoreDomains.open(store_dir)
   first = reader.manifest["build"]
-  build_store.build_store("stoshareram", "train", L, store_dir, rows_per_shard=50,
-                          overwrite=True)
+  build_store.build_store("stoshareram", "train", L, store_dir, rows_per_shard=50, overwrite=True)
   assert _published(store_dir)["build"] != first
   assert tf.io.gfile.exists(f"{store_dir}/train/{first}/{reader._files['web'][0].split('/')[-1]}")
   fresh = store.StoreDomains.open(store_dir)
