@@ -54,12 +54,8 @@ def _write_corpus(write, root, n_files=3, per_file=400):
   return paths
 
 
-def _write_local(path, text):
-  with open(path, "w", encoding="utf-8") as f:
-    f.write(text)
-
-
-def _write_gfile(path, text):
+def _write(path, text):
+  """Local paths and ram:// alike."""
   tf.io.gfile.makedirs(os.path.dirname(path))
   with tf.io.gfile.GFile(path, "w") as f:
     f.write(text)
@@ -70,7 +66,7 @@ def corpus(tmp_path_factory):
   """Raw files, a module registering them (for the build processes), a reference store."""
   root = tmp_path_factory.mktemp("share")
   os.makedirs(root / "raw")
-  paths = _write_corpus(_write_local, str(root / "raw"))
+  paths = _write_corpus(_write, str(root / "raw"))
   (root / "stoshare_reg.py").write_text(REG)
   custom.register_jsonl_domains(name=NAME, paths=paths, domain_field="meta.src",
                                 domains=list(DOMAINS), val_fraction=0.2)
@@ -305,7 +301,7 @@ def test_unreachable_remote_store_fails_in_bounded_time():
 
 @pytest.fixture(scope="module")
 def ram_corpus(corpus):
-  paths = _write_corpus(_write_gfile, "ram://share_raw")
+  paths = _write_corpus(_write, "ram://share_raw")
   custom.register_jsonl_domains(name="stoshareram", paths=paths, domain_field="meta.src",
                                 domains=list(DOMAINS), val_fraction=0.2)
   return corpus
@@ -350,9 +346,9 @@ def test_ram_dead_builds_removed_live_kept(ram_corpus):
   }
   for name, beat in beats.items():
     bdir = store_builds.build_dir(sdir, name)
-    _write_gfile(f"{bdir}/x.array_record", "partial")
+    _write(f"{bdir}/x.array_record", "partial")
     beat = dict({"host": store_builds.socket.gethostname(), "state": "building"}, **beat)
-    _write_gfile(f"{bdir}/{store_builds.HEARTBEAT}", json.dumps(beat))
+    _write(f"{bdir}/{store_builds.HEARTBEAT}", json.dumps(beat))
   build_store.build_store("stoshareram", "train", L, store_dir, rows_per_shard=50)
   left = set(store_builds.list_builds(sdir))
   assert left == {"live", "live_elsewhere", _published(store_dir)["build"].split("/")[-1]}
