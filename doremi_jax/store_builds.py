@@ -350,6 +350,8 @@ class ProgressLine:
       return
     self._last = time.monotonic()
     p = read_progress(self._pdir)
+    if not p["docs"]:  # nothing read yet (workers starting)
+      return
     line = progress_text(self._split, p, self._total, self._units, self._last - self._start)
     if line != self._said:
       self._echo(line)

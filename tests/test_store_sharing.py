@@ -241,6 +241,31 @@ def test_reader_keeps_the_published_build_during_a_rebuild(corpus, tmp_path):
       store_dir, "train")) == [_published(store_dir)["build"].split("/")[-1]]
 
 
+def test_store_of_the_first_layout_still_reads(corpus, tmp_path):
+  # Catches: stores built before builds/<id>/ (shards next to the manifest) left unreadable,
+  # or rebuilt for nothing; --overwrite moves them to the new layout.
+  store_dir = str(tmp_path / "s")
+  sdir = os.path.join(store_dir, "train")
+  build_store.build_store(NAME, "train", L, store_dir, rows_per_shard=50)
+  m = _published(store_dir)
+  for name in os.listdir(os.path.join(sdir, m["build"])):
+    os.replace(os.path.join(sdir, m["build"], name), os.path.join(sdir, name))
+  os.rmdir(os.path.join(sdir, m["build"]))
+  first = {k: v for k, v in m.items() if k not in ("build", "build_args")}
+  with open(os.path.join(sdir, store.MANIFEST), "w", encoding="utf-8") as f:
+    json.dump(first, f)
+  ref = store.StoreDomains.open(corpus["ref"])
+  old = store.StoreDomains.open(store_dir)
+  for d in DOMAINS:
+    idx = np.arange(ref.num_sequences[d])
+    np.testing.assert_array_equal(old.rows(d, idx)["targets"], ref.rows(d, idx)["targets"])
+  assert "counters" not in build_store.build_store(NAME, "train", L, store_dir,
+                                                   rows_per_shard=50)  # reused
+  build_store.build_store(NAME, "train", L, store_dir, rows_per_shard=50, overwrite=True)
+  assert _digest(store_dir) == _digest(corpus["ref"])
+  assert not [n for n in os.listdir(sdir) if n.endswith(".array_record")]
+
+
 def test_wait_gives_up_with_one_line(corpus, tmp_path, capsys):
   # Catches: a wait that spins silently or forever, or a multi-line error.
   store_dir = str(tmp_path / "s")
