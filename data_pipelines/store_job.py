@@ -133,6 +133,7 @@ def publish(manifest: dict, counters: dict, replaced: Optional[dict], job: dict)
   sdir, bdir = job["sdir"], job["bdir"]
   store.remove_tree(store_builds.progress_dir(bdir))
   published, created = store_builds.publish(sdir, manifest, replace=replaced is not None)
+  published = published or {}
   if not created:
     store.remove_tree(bdir)
     echo(f"Another build published {sdir} first ({published.get('build')}); kept it and "
@@ -142,7 +143,7 @@ def publish(manifest: dict, counters: dict, replaced: Optional[dict], job: dict)
           f"Another build published {sdir} from other inputs while this one "
           f"ran; rebuild it: `{store.rebuild_command(manifest, job['store_dir'], job['split'])}`.")
     return dict(published, counters=counters)
-  if (published or {}).get("build") != manifest["build"]:  # gs://: another rename landed too
+  if published.get("build") != manifest["build"]:  # gs://: another rename landed too
     store_builds.write_heartbeat(bdir, state="retired")  # removed once stale
     logging.warning("Two builds of %s published at once; %s stands.", sdir, published["build"])
     return dict(published, counters=counters)

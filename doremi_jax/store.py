@@ -154,9 +154,15 @@ def remove_tree(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def tmp_name(path: str) -> str:
+  """A unique temporary name next to `path` that does not start with it: ram:// (TF's
+  RamFileSystem) says a path exists when any file name starts with it."""
+  return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+
+
 def write_atomic(path: str, data: bytes) -> None:
   """Writes a temp file next to `path`, then renames it onto `path`."""
-  tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+  tmp = tmp_name(path)
   with open_file(tmp, "wb") as f:
     f.write(data)
   if is_remote(path):

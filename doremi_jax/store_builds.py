@@ -135,6 +135,11 @@ def clean_dead(split_dir: str, published: Optional[str], stale_after_s: float,
                echo: Callable[[str], None]) -> list[dict]:
   """Removes dead builds' directories; returns the states of the live ones."""
   live = []
+  if os.path.isdir(split_dir):  # a killed publish's temporary file (local disks)
+    for n in os.listdir(split_dir):
+      path = os.path.join(split_dir, n)
+      if n.startswith(f".{store.MANIFEST}.tmp-") and time.time() - os.path.getmtime(path) > 600:
+        os.remove(path)
   for st in other_builds(split_dir, published, stale_after_s):
     if st["dead"]:
       store.remove_tree(st["dir"])
@@ -180,9 +185,7 @@ class Heartbeat:
 
 def create_exclusive(path: str, data: bytes) -> bool:
   """Writes `path` whole, only if it does not exist; False when it does."""
-  # Not `path` + suffix: ram:// (tf's RamFileSystem) says a path exists when any file name
-  # starts with it.
-  tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+  tmp = store.tmp_name(path)
   with store.open_file(tmp, "wb") as f:
     f.write(data)
   try:
@@ -349,10 +352,14 @@ class ProgressLine:
     if time.monotonic() - self._last < self._every:
       return
     self._last = time.monotonic()
+    if self._said is not None and self._said.endswith("; writing shards"):
+      return  # every file read: no more news until the summary
     p = read_progress(self._pdir)
     if not p["docs"]:  # nothing read yet (workers starting)
       return
     line = progress_text(self._split, p, self._total, self._units, self._last - self._start)
+    if p["units_done"] >= self._units:
+      line += "; writing shards"
     if line != self._said:
       self._echo(line)
       self._said = line
