@@ -45,6 +45,7 @@ a progress line every few seconds and a summary; Beam's own log goes to a file (
 the plan line) unless --verbose.
 """
 import argparse
+import functools
 import importlib
 import json
 import logging
@@ -161,7 +162,8 @@ def build_store(domain_set: str, split: str, sequence_length: int, store_dir: st
                 num_workers: int = 1, pipeline_args: Sequence[str] = (),
                 rows_per_shard: int = DEFAULT_ROWS_PER_SHARD, overwrite: bool = False,
                 verbose: bool = False, build_args: Optional[Sequence[str]] = None,
-                stale_after_s: float = store_builds.STALE_AFTER_S) -> dict:
+                stale_after_s: float = store_builds.STALE_AFTER_S,
+                retain_s: float = store_builds.RETAIN_S) -> dict:
   """Builds (or reuses) the split's store under `store_dir` and returns its manifest.
 
   Any number of these may run at once on one store, on one machine or many: each builds in
@@ -182,6 +184,7 @@ def build_store(domain_set: str, split: str, sequence_length: int, store_dir: st
     build_args: the build_store command's arguments, recorded in the manifest for the
       rebuild command that errors name (default: --domain_set and --sequence_length).
     stale_after_s: another build without heartbeat for this long is dead.
+    retain_s: a build replaced by --overwrite is removed after this long.
 
   Returns:
     The manifest, plus "counters" (this run's Beam counters: raw_lines,
@@ -194,7 +197,7 @@ def build_store(domain_set: str, split: str, sequence_length: int, store_dir: st
                       store.REMOTE_TIMEOUT_S if store.is_remote(sdir) else None,
                       f"Reading the store manifest in {sdir}")
   published = (old or {}).get("build")
-  store_builds.clean_dead(sdir, published, stale_after_s, store_job.echo)
+  store_builds.clean_dead(sdir, published, stale_after_s, store_job.echo, retain_s)
   if old is not None and old.get("complete") and not overwrite:
     if old.get("build_key") == meta["build_key"]:
       logging.info("Store %s is complete; reusing it.", sdir)
@@ -255,8 +258,9 @@ def open_store(mixture_or_task_name: str, split: str, sequence_length: int, *,
   """The split's token store of the mixture's domain set, opened and checked.
 
   store_dir: the store (default: store_path(set, L, cache_dir)).
-  build: process 0 builds (or reuses) the store with the DirectRunner and the other
-    processes wait for its manifest, saying so every minute, for at most wait_timeout_s;
+  build: process 0 builds (or reuses) the store with the DirectRunner, or waits while another
+    job builds it; the other processes wait for its manifest, saying so every minute, for at
+    most wait_timeout_s;
     False: it must exist (built beforehand, e.g. by `python -m data_pipelines.build_store`
     on Dataflow).
   mixture_rates are the mixture's, lazily counted natural rates resolved from the store's
@@ -265,13 +269,16 @@ def open_store(mixture_or_task_name: str, split: str, sequence_length: int, *,
   dset = core.get_domain_set(mixture_or_task_name)
   store_dir = store_dir or store_path(dset.name, sequence_length, cache_dir)
   meta = build_meta(dset, split, sequence_length, DEFAULT_ROWS_PER_SHARD)
+  command = store.build_command(dset.name, split, sequence_length, store_dir)
+  wait = functools.partial(store_builds.wait_published, store_dir, split, command=command,
+                           timeout_s=wait_timeout_s, poll_s=1.0, echo=store_job.echo)
   if build and process_index == 0:
+    wait(while_building=True)  # another job builds it now: rather than build it twice
+    # Reuses the published store, or builds it (none was running, or the other one died).
     build_store(dset.name, split, sequence_length, store_dir, num_workers=num_workers,
                 pipeline_args=pipeline_args)
   elif build:
-    store_builds.wait_published(
-        store_dir, split, timeout_s=wait_timeout_s, poll_s=1.0, echo=store_job.echo,
-        command=store.build_command(dset.name, split, sequence_length, store_dir))
+    wait()
   st = store.StoreDomains.open(store_dir, split=split, domain_set=dset.name,
                                vocabulary_key=meta["vocabulary_key"],
                                sequence_length=sequence_length)

@@ -132,6 +132,7 @@ def publish(manifest: dict, counters: dict, replaced: Optional[dict], job: dict)
   """Publishes the build (or keeps the one another build published first)."""
   sdir, bdir = job["sdir"], job["bdir"]
   store.remove_tree(store_builds.progress_dir(bdir))
+  store_builds.check_own_files(bdir, manifest)
   published, created = store_builds.publish(sdir, manifest, replace=replaced is not None)
   published = published or {}
   if not created:

@@ -21,7 +21,10 @@ never changes what a reader reads. Stores of the old layout (shards next to a ma
 without "build") are read as before.
 
 Leftovers: each build first removes the directories of builds that are provably dead (same
-host and its process is gone, or no heartbeat for stale_after_s) and lists the live ones.
+host and its process is gone, or no heartbeat for stale_after_s, 5 min) and lists the live
+ones; a build replaced by --overwrite is kept for retain_s (1 h) for the readers that have
+it open. Before publishing, a build checks that its own files are all there (a build paused
+for longer than stale_after_s may have been taken for dead).
 """
 import contextlib
 import json
@@ -41,7 +44,8 @@ BUILDS = "builds"
 HEARTBEAT = "heartbeat.json"
 PROGRESS = "progress"
 HEARTBEAT_S = 15.0
-STALE_AFTER_S = 3600.0  # no heartbeat for this long: the build is dead (any host)
+STALE_AFTER_S = 300.0  # a running build without heartbeat for this long is dead (any host)
+RETAIN_S = 3600.0  # a build replaced by --overwrite stays readable this long
 WAIT_TIMEOUT_S = 7200.0  # a process waiting for another's build gives up after this long
 _PUBLISH_LOCK = threading.Lock()  # makes check-then-rename atomic within a process (ram://)
 
@@ -89,18 +93,19 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def build_state(bdir: str, stale_after_s: float) -> dict:
+def build_state(bdir: str, stale_after_s: float, retain_s: float = RETAIN_S) -> dict:
   """{"dir", "beat", "age_s", "dead", "why"} of one build directory."""
   beat = read_json(os.path.join(bdir, HEARTBEAT))
   age = time.time() - float(beat["time"]) if beat else None
   if beat is None and not store.is_remote(bdir) and os.path.exists(bdir):
     age = time.time() - os.path.getmtime(bdir)
   st = {"dir": bdir, "beat": beat, "age_s": age, "dead": False, "why": ""}
+  limit = retain_s if beat and beat.get("state") == "retired" else stale_after_s
   if (beat and beat.get("state") == "building" and beat.get("host") == socket.gethostname() and
       not _pid_alive(int(beat["pid"]))):
     st.update(dead=True, why=f"its process {beat['pid']} on this host is gone")
-  elif age is not None and age > stale_after_s:
-    st.update(dead=True, why=f"no heartbeat for {age:.0f}s > {stale_after_s:.0f}s")
+  elif age is not None and age > limit:
+    st.update(dead=True, why=f"no heartbeat for {age:.0f}s > {limit:.0f}s")
   return st
 
 
@@ -122,17 +127,18 @@ def describe(states) -> str:
   return "; ".join(out) or "none"
 
 
-def other_builds(split_dir: str, published: Optional[str], stale_after_s: float) -> list[dict]:
+def other_builds(split_dir: str, published: Optional[str], stale_after_s: float,
+                 retain_s: float = RETAIN_S) -> list[dict]:
   """States of the build directories other than the published one."""
   return [
-      build_state(build_dir(split_dir, n), stale_after_s)
+      build_state(build_dir(split_dir, n), stale_after_s, retain_s)
       for n in list_builds(split_dir)
       if f"{BUILDS}/{n}" != published
   ]
 
 
 def clean_dead(split_dir: str, published: Optional[str], stale_after_s: float,
-               echo: Callable[[str], None]) -> list[dict]:
+               echo: Callable[[str], None], retain_s: float = RETAIN_S) -> list[dict]:
   """Removes dead builds' directories; returns the states of the live ones."""
   live = []
   if os.path.isdir(split_dir):  # a killed publish's temporary file (local disks)
@@ -140,7 +146,7 @@ def clean_dead(split_dir: str, published: Optional[str], stale_after_s: float,
       path = os.path.join(split_dir, n)
       if n.startswith(f".{store.MANIFEST}.tmp-") and time.time() - os.path.getmtime(path) > 600:
         os.remove(path)
-  for st in other_builds(split_dir, published, stale_after_s):
+  for st in other_builds(split_dir, published, stale_after_s, retain_s):
     if st["dead"]:
       store.remove_tree(st["dir"])
       echo(f"Removed a dead build's files: {st['dir']} ({st['why']}).")
@@ -207,6 +213,16 @@ def create_exclusive(path: str, data: bytes) -> bool:
   finally:
     if store.exists(tmp):
       store.gfile().remove(tmp) if store.is_remote(tmp) else os.remove(tmp)
+
+
+def check_own_files(bdir: str, manifest: dict) -> None:
+  """StoreBuildError unless the build's heartbeat and every shard are still there."""
+  names = set(store.gfile().listdir(bdir) if store.is_remote(bdir) else os.listdir(bdir))
+  want = {s["file"] for d in manifest["per_domain"].values() for s in d["shards"]} | {HEARTBEAT}
+  if not want <= {n.rstrip("/") for n in names}:
+    raise store.StoreBuildError(
+        f"Files of this build in {bdir} were removed while it ran (it was taken for dead: no "
+        f"heartbeat for over {STALE_AFTER_S:.0f}s, e.g. while paused); rerun the build.")
 
 
 def publish(split_dir: str, manifest: dict, *, replace: bool) -> tuple[dict, bool]:
@@ -309,13 +325,22 @@ def beam_logs_to(path: Optional[str]):
 # -------------------------------------------------------------------- wait
 
 
+def live_builds(split_dir: str) -> list[dict]:
+  """States of the builds running now (heartbeat fresh, process not known dead)."""
+  return [
+      st for st in other_builds(split_dir, None, STALE_AFTER_S)
+      if not st["dead"] and st["beat"] and st["beat"].get("state") == "building"
+  ]
+
+
 def wait_published(store_dir: str, split: str, *, command: str, timeout_s: float = WAIT_TIMEOUT_S,
                    poll_s: float = 5.0, log_every_s: float = 60.0,
                    remote_timeout_s: float = store.REMOTE_TIMEOUT_S,
-                   echo: Callable[[str], None] = logging.warning) -> dict:
+                   echo: Callable[[str], None] = logging.warning,
+                   while_building: bool = False) -> Optional[dict]:
   """Waits for another process's or job's build of the split to publish its manifest,
   saying what it waits for every log_every_s; IncompleteStoreError (one line) after
-  timeout_s."""
+  timeout_s. while_building: None as soon as no build runs there (they died or gave up)."""
   sdir = store.split_dir(store_dir, split)
   start = time.monotonic()
   next_log = start
@@ -325,6 +350,8 @@ def wait_published(store_dir: str, split: str, *, command: str, timeout_s: float
                              f"Reading the store manifest in {sdir}")
     if manifest is not None and manifest.get("complete"):
       return manifest
+    if while_building and not live_builds(sdir):
+      return None
     waited = time.monotonic() - start
     if waited >= timeout_s or time.monotonic() >= next_log:
       builds = describe(other_builds(sdir, None, STALE_AFTER_S))
@@ -383,7 +410,7 @@ def remove_file(path: str) -> None:
 
 def retire(split_dir: str, old: Optional[dict]) -> None:
   """After --overwrite published a new build: the old build stays readable for readers that
-  opened it until it is stale_after_s old; the old layout's shards are removed."""
+  opened it for retain_s; the old layout's shards are removed."""
   if not old:
     return
   if old.get("build"):

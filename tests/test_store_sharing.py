@@ -172,6 +172,7 @@ def test_builds_killed_at_random_moments(corpus, tmp_path):
     time.sleep(float(rng.uniform(0, 1.5)))
     v.kill()
   assert [v.wait() for v in [early] + victims] == [-signal.SIGKILL] * 3, seed
+  assert len(store_builds.list_builds(sdir)) >= 2  # the victims' files are still there
   out, err = survivor.communicate(timeout=300)
   assert survivor.returncode == 0, (seed, err[-2000:])
   assert _digest(store_dir) == _digest(corpus["ref"]), seed
@@ -236,9 +237,23 @@ def test_reader_keeps_the_published_build_during_a_rebuild(corpus, tmp_path):
       idx = np.arange(st.num_sequences[d])
       np.testing.assert_array_equal(st.rows(d, idx)["targets"], want[d])
   assert len(store_builds.list_builds(os.path.join(store_dir, "train"))) == 2
-  build_store.build_store(NAME, "train", L, store_dir, rows_per_shard=50, stale_after_s=0)
+  build_store.build_store(NAME, "train", L, store_dir, rows_per_shard=50, retain_s=0)
   assert store_builds.list_builds(os.path.join(
       store_dir, "train")) == [_published(store_dir)["build"].split("/")[-1]]
+
+
+def test_a_build_taken_for_dead_does_not_publish(corpus, tmp_path):
+  # Catches: a build paused past stale_after_s (its files removed by another's clean-up)
+  # publishing a pointer to missing shards.
+  store_dir = str(tmp_path / "s")
+  build_store.build_store(NAME, "train", L, store_dir, rows_per_shard=50)
+  m = _published(store_dir)
+  bdir = os.path.join(store_dir, "train", m["build"])
+  store_builds.write_heartbeat(bdir)
+  store_builds.check_own_files(bdir, m)  # whole: no error
+  os.remove(os.path.join(bdir, m["per_domain"]["math"]["shards"][-1]["file"]))
+  with pytest.raises(store.StoreBuildError, match="were removed while it ran"):
+    store_builds.check_own_files(bdir, m)
 
 
 def test_store_of_the_first_layout_still_reads(corpus, tmp_path):
@@ -289,6 +304,45 @@ def test_wait_returns_when_another_process_publishes(corpus, tmp_path):
   st = build_store.open_store(f"{NAME}_uniform", "train", L, store_dir=store_dir, process_index=1,
                               wait_timeout_s=120)
   builder.join()
+  assert st.num_sequences == store.StoreDomains.open(corpus["ref"]).num_sequences
+
+
+def _fake_build(split_dir, name, **beat):
+  bdir = store_builds.build_dir(split_dir, name)
+  _write(f"{bdir}/x.array_record", "partial")
+  beat = dict(
+      {
+          "host": store_builds.socket.gethostname(),
+          "pid": os.getpid(),
+          "time": time.time(),
+          "state": "building"
+      }, **beat)
+  _write(f"{bdir}/{store_builds.HEARTBEAT}", json.dumps(beat))
+  return bdir
+
+
+def test_open_store_waits_for_another_jobs_build_then_builds_if_it_died(corpus, tmp_path, capsys):
+  # Catches: a second job that builds the same store again while one builds it, or that
+  # waits for a build that died.
+  store_dir = str(tmp_path / "s")
+  sdir = os.path.join(store_dir, "train")
+  _fake_build(sdir, "other_job")  # alive: this process's pid, a fresh heartbeat
+  other = threading.Timer(
+      1.5, lambda: build_store.build_store(NAME, "train", L, store_dir, rows_per_shard=50))
+  other.start()
+  st = build_store.open_store(f"{NAME}_uniform", "train", L, store_dir=store_dir)
+  other.join()
+  out = capsys.readouterr().out
+  assert "Waiting for the token store" in out and out.count("Building train") == 1
+  assert st.manifest["build"] == _published(store_dir)["build"]
+  gone = subprocess.Popen(["true"])
+  gone.wait()
+  store_dir = str(tmp_path / "s2")
+  _fake_build(os.path.join(store_dir, "train"), "died", pid=gone.pid)
+  st = build_store.open_store(f"{NAME}_uniform", "train", L, store_dir=store_dir)
+  out = capsys.readouterr().out
+  assert "Waiting for" not in out and "Removed a dead build's files" in out
+  assert "Built " in out
   assert st.num_sequences == store.StoreDomains.open(corpus["ref"]).num_sequences
 
 
@@ -370,10 +424,7 @@ def test_ram_dead_builds_removed_live_kept(ram_corpus):
       },
   }
   for name, beat in beats.items():
-    bdir = store_builds.build_dir(sdir, name)
-    _write(f"{bdir}/x.array_record", "partial")
-    beat = dict({"host": store_builds.socket.gethostname(), "state": "building"}, **beat)
-    _write(f"{bdir}/{store_builds.HEARTBEAT}", json.dumps(beat))
+    _fake_build(sdir, name, **beat)
   build_store.build_store("stoshareram", "train", L, store_dir, rows_per_shard=50)
   left = set(store_builds.list_builds(sdir))
   assert left == {"live", "live_elsewhere", _published(store_dir)["build"].split("/")[-1]}
