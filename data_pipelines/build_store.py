@@ -222,7 +222,7 @@ def build_store(domain_set: str, split: str, sequence_length: int, store_dir: st
       "store_dir": store_dir,
       "sdir": sdir,
       "bdir": store_builds.build_dir(sdir, build_id),
-      "log": None if verbose else store_builds.log_path(sdir, build_id),
+      "log": None if verbose else store_job.log_path(sdir, build_id),
       "start": time.monotonic()
   }
   job["tokenizer"] = tokenizer_spec(dset.vocabulary)

@@ -1,8 +1,12 @@
 """The Beam job of a store build: the pipeline, its run into the build's own directory, and
 the publish step (data_pipelines/build_store.py drives it; doremi_jax/store_beam.py holds the
 workers' code; doremi_jax/store_builds.py how builds share a store)."""
+import contextlib
 import logging
 import os
+import sys
+import tempfile
+import threading
 import time
 from typing import Optional, Sequence
 
@@ -14,6 +18,55 @@ StoreBuildError = store.StoreBuildError
 
 def echo(line: str) -> None:
   print(line, flush=True)
+
+
+def log_path(split_dir: str, build_id: str) -> str:
+  """Where a build's Beam log goes: in the store for local stores, else the temp dir."""
+  root = (
+      os.path.join(tempfile.gettempdir(), "doremi_jax_store_logs")
+      if store.is_remote(split_dir) else os.path.join(split_dir, "logs"))
+  os.makedirs(root, exist_ok=True)
+  return os.path.join(root, f"{build_id}.log")
+
+
+_QUIET = {"depth": 0, "saved_fd": None, "file": None, "handlers": None}
+_QUIET_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def beam_logs_to(path: Optional[str]):
+  """Python logging and native stderr (Beam, its worker processes, TensorFlow) go to `path`
+  while the build runs; None: left as they are (--verbose). Nested or concurrent uses in one
+  process share the first one's file."""
+  if path is None:
+    yield
+    return
+  with _QUIET_LOCK:
+    if _QUIET["depth"] == 0:
+      sys.stderr.flush()
+      f = open(path, "ab")  # pylint: disable=consider-using-with
+      root = logging.getLogger()
+      handler = logging.StreamHandler(open(path, "a", encoding="utf-8"))  # pylint: disable=consider-using-with
+      handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+      _QUIET.update(saved_fd=os.dup(2), file=f, handlers=(root.handlers[:], root.level, handler))
+      os.dup2(f.fileno(), 2)
+      root.handlers = [handler]
+      root.setLevel(logging.INFO)
+    _QUIET["depth"] += 1
+  try:
+    yield
+  finally:
+    with _QUIET_LOCK:
+      _QUIET["depth"] -= 1
+      if _QUIET["depth"] == 0:
+        sys.stderr.flush()
+        os.dup2(_QUIET["saved_fd"], 2)
+        os.close(_QUIET["saved_fd"])
+        _QUIET["file"].close()
+        handlers, level, handler = _QUIET["handlers"]
+        root = logging.getLogger()
+        root.handlers, _ = handlers, root.setLevel(level)
+        handler.close()
 
 
 def _runner_and_options(pipeline_args: Sequence[str], num_workers: int):
@@ -98,7 +151,7 @@ def run(dset, split, length, meta, rows_per_shard, num_workers, pipeline_args, g
                                        echo)
   try:
     with store_builds.Heartbeat(job["bdir"], tick=progress.tick), \
-        store_builds.beam_logs_to(job["log"]):
+        beam_logs_to(job["log"]):
       import apache_beam as beam  # pylint: disable=g-import-not-at-top
       from apache_beam.metrics import metric  # pylint: disable=g-import-not-at-top
       runner, options = _runner_and_options(pipeline_args, num_workers)

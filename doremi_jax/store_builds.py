@@ -7,7 +7,8 @@ Layout of `<store_dir>/<split>/`:
   builds/<id>/    one build's files: its shards and its own manifest.json; while it runs
                   also _tmp/, progress/ and heartbeat.json (host, pid, time; refreshed every
                   HEARTBEAT_S by the build's driver).
-  logs/<id>.log   Beam's own log of a build of a local store (remote: the local temp dir).
+  logs/<id>.log   Beam's own log of a build of a local store (remote: the local temp dir;
+                  data_pipelines/store_job.py).
 
 A build writes only into its own directory, so no build can remove another's files.
 Publishing is the exclusive create of manifest.json: on local disks a hard link of a
@@ -26,13 +27,10 @@ ones; a build replaced by --overwrite is kept for retain_s (1 h) for the readers
 it open. Before publishing, a build checks that its own files are all there (a build paused
 for longer than stale_after_s may have been taken for dead).
 """
-import contextlib
 import json
 import logging
 import os
 import socket
-import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -268,58 +266,6 @@ def read_progress(pdir: str) -> dict:
       total["bytes"] += int(p.get("bytes", 0))
       total["units_done"] += int(bool(p.get("done")))
   return total
-
-
-# -------------------------------------------------------------------- logs
-
-
-def log_path(split_dir: str, build_id: str) -> str:
-  """Where a build's Beam log goes: in the store for local stores, else the temp dir."""
-  root = (
-      os.path.join(tempfile.gettempdir(), "doremi_jax_store_logs")
-      if store.is_remote(split_dir) else os.path.join(split_dir, "logs"))
-  os.makedirs(root, exist_ok=True)
-  return os.path.join(root, f"{build_id}.log")
-
-
-_QUIET = {"depth": 0, "saved_fd": None, "file": None, "handlers": None}
-_QUIET_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def beam_logs_to(path: Optional[str]):
-  """Python logging and native stderr (Beam, its worker processes, TensorFlow) go to `path`
-  while the build runs; None: left as they are (--verbose). Nested or concurrent uses in one
-  process share the first one's file."""
-  if path is None:
-    yield
-    return
-  with _QUIET_LOCK:
-    if _QUIET["depth"] == 0:
-      sys.stderr.flush()
-      f = open(path, "ab")  # pylint: disable=consider-using-with
-      root = logging.getLogger()
-      handler = logging.StreamHandler(open(path, "a", encoding="utf-8"))  # pylint: disable=consider-using-with
-      handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-      _QUIET.update(saved_fd=os.dup(2), file=f, handlers=(root.handlers[:], root.level, handler))
-      os.dup2(f.fileno(), 2)
-      root.handlers = [handler]
-      root.setLevel(logging.INFO)
-    _QUIET["depth"] += 1
-  try:
-    yield
-  finally:
-    with _QUIET_LOCK:
-      _QUIET["depth"] -= 1
-      if _QUIET["depth"] == 0:
-        sys.stderr.flush()
-        os.dup2(_QUIET["saved_fd"], 2)
-        os.close(_QUIET["saved_fd"])
-        _QUIET["file"].close()
-        handlers, level, handler = _QUIET["handlers"]
-        root = logging.getLogger()
-        root.handlers, _ = handlers, root.setLevel(level)
-        handler.close()
 
 
 # -------------------------------------------------------------------- wait
