@@ -297,6 +297,7 @@ def test_wait_gives_up_with_one_line(corpus, tmp_path, capsys):
 
 
 def test_wait_returns_when_another_process_publishes(corpus, tmp_path):
+  # Catches: a waiting host that misses the publish (e.g. looks for the old layout's files).
   store_dir = str(tmp_path / "s")
   builder = threading.Timer(
       1.0, lambda: build_store.build_store(NAME, "train", L, store_dir, rows_per_shard=50))
@@ -432,6 +433,8 @@ def test_ram_dead_builds_removed_live_kept(ram_corpus):
 
 
 def test_ram_rebuild_and_wait(ram_corpus, caplog):
+  # Catches on ram://: a silent or multi-line wait, and --overwrite deleting the build a
+  # reader has open.
   store_dir = "ram://share_store_rebuild"
   with pytest.raises(store.IncompleteStoreError, match=r"^No published store in ram://[^\n]*$"):
     store_builds.wait_published(store_dir, "train", command="build it", timeout_s=0.5, poll_s=0.1)
