@@ -35,7 +35,11 @@ setuptools.setup(
     },
     python_requires=">=3.11",
     install_requires=[
-        "jax>=0.4.35",
+        # 0.7.2: the first release whose public API has everything called here (checked in
+        # the released wheels' sources: jax.distributed.initialize's heartbeat_timeout_seconds
+        # and shutdown_timeout_seconds arrive in 0.7.0; jax.sharding.use_abstract_mesh in
+        # 0.7.2). jax pins its matching jaxlib.
+        "jax>=0.7.2",
         "flax>=0.10",
         "optax>=0.2.3",
         "orbax-checkpoint>=0.11",

@@ -2,6 +2,7 @@ r"""Store build and store-fed input, on a synthetic Pile-layout corpus.
 
   python bench/bench_store.py [--gb=2] [--num_workers=N] [--seq_len=1024]
       [--steps=10000] [--workdir=/tmp/...]
+  python bench/bench_store.py --concurrent=3 --gb=0.04 --num_workers=1
 
 Generates `<workdir>/pile_<gb>/train/NN.jsonl.zst` (22 domains in the Pile's
 baseline proportions, `meta.pile_set_name`, random ASCII words; never kept
@@ -9,7 +10,9 @@ unless --keep), builds its store with `python -m data_pipelines.build_store`
 (byte vocabulary: one token per raw byte) and prints raw MB/s per core and
 the build's peak memory summed over the whole process tree (the driver and
 every Beam worker; RSS, and PSS which counts shared pages once). Then the
-same at double the size. Then a fresh process (no TensorFlow) reads training
+same at double the size (--concurrent=N instead: one build alone, then N builds of one store
+started together; their wall time side by side, and whether the published shards equal the
+lone build's). Then a fresh process (no TensorFlow) reads training
 input over the first store with BatchIterator as host 0 of 4 and prints
 tokens/s and RSS over the steps.
 
@@ -147,15 +150,21 @@ class TreeMemory:
 # ------------------------------------------------------------------ build
 
 
-def bench_build(data_dir: str, store_dir: str, raw_bytes: int, seq_len: int,
-                num_workers: int) -> dict:
-  """Runs the build CLI in a subprocess; its wall time and tree memory."""
-  cmd = [
+def _build_cmd(data_dir: str, store_dir: str, seq_len: int, num_workers: int) -> list:
+  return [
       sys.executable, "-m", "data_pipelines.build_store", "--domain_set=pile",
       "--module=data_pipelines.pile", f"--data_dir={data_dir}", "--split=train",
       f"--sequence_length={seq_len}", f"--store_dir={store_dir}", f"--num_workers={num_workers}"
   ]
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+
+
+_ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+
+
+def bench_build(data_dir: str, store_dir: str, raw_bytes: int, seq_len: int,
+                num_workers: int) -> dict:
+  """Runs the build CLI in a subprocess; its wall time and tree memory."""
+  cmd, env = _build_cmd(data_dir, store_dir, seq_len, num_workers), _ENV
   t = time.perf_counter()
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
@@ -178,6 +187,42 @@ def bench_build(data_dir: str, store_dir: str, raw_bytes: int, seq_len: int,
       "rows": summary["rows"],
       "tokens": summary["tokens"]
   }
+
+
+def _shards(store_dir: str) -> dict:
+  """{file: sha256} of the published build's shards."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(store_dir, "train", "manifest.json")) as f:
+    root = os.path.join(store_dir, "train", json.load(f).get("build", ""))
+  return {
+      n: hashlib.sha256(open(os.path.join(root, n), "rb").read()).hexdigest()
+      for n in os.listdir(root)
+      if n.endswith(".array_record")
+  }
+
+
+def bench_concurrent(data_dir: str, work: str, n: int, seq_len: int, num_workers: int) -> None:
+  """One build alone, then n builds of one store started together."""
+  walls = []
+  for k, store_dir in ((1, os.path.join(work, "alone")), (n, os.path.join(work, "shared"))):
+    t = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            _build_cmd(data_dir, store_dir, seq_len, num_workers), cwd=ROOT, env=_ENV,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(k)
+    ]
+    outs = [p.communicate() for p in procs]
+    walls.append(time.perf_counter() - t)
+    codes = [p.returncode for p in procs]
+    lines = [len(o[0].splitlines()) + len(o[1].splitlines()) for o in outs]
+    print(
+        f"{k} build(s) of one store: exit codes {codes}, wall {walls[-1]:.1f}s, output lines "
+        f"per build {lines}", flush=True)
+    if any(codes):
+      print("\n".join(o[1][-2000:] for o in outs))
+  same = _shards(os.path.join(work, "alone")) == _shards(os.path.join(work, "shared"))
+  print(f"{n} concurrent builds: published shards equal the lone build's: {same}; wall "
+        f"{walls[1]:.1f}s vs {walls[0]:.1f}s alone (ratio {walls[1] / walls[0]:.2f})")
 
 
 # ------------------------------------------------------------------ input
@@ -230,6 +275,8 @@ def main(argv=None):
   p.add_argument("--hosts", type=int, default=4)
   p.add_argument("--workdir", default=None)
   p.add_argument("--keep", action="store_true")
+  p.add_argument("--concurrent", type=int, default=0,
+                 help="N: time N builds of one store started together against one alone")
   p.add_argument("--input_only", default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.input_only:
@@ -239,6 +286,12 @@ def main(argv=None):
   files = args.num_files or max(8, 4 * args.num_workers)
   results = []
   try:
+    if args.concurrent:
+      raw = make_corpus(os.path.join(work, "raw"), args.gb, files)
+      print(f"corpus: {raw / 1e6:,.0f} MB raw in {files} files", flush=True)
+      bench_concurrent(
+          os.path.join(work, "raw"), work, args.concurrent, args.seq_len, args.num_workers)
+      return
     for gb in (args.gb, 2 * args.gb):
       raw_dir = os.path.join(work, f"pile_{gb:g}gb")
       t = time.perf_counter()

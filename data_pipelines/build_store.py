@@ -36,18 +36,30 @@ processes (override with --direct_running_mode). Any other --runner
 Reruns: a complete store whose build key matches is reused with no work; a
 store without manifest (interrupted) is rebuilt from scratch; a complete
 store built from other inputs is refused unless overwrite=True.
+
+Sharing: any number of builds of one store may run at once (several jobs, hosts or
+users): each writes only its own `<store_dir>/<split>/builds/<id>/`, the first to finish
+publishes it by creating `<split>/manifest.json` exclusively, the others remove their work;
+readers open only the published build (doremi_jax/store_builds.py). Output: a plan line,
+a progress line every few seconds and a summary; Beam's own log goes to a file (named in
+the plan line) unless --verbose.
 """
 import argparse
+import functools
 import importlib
 import json
 import logging
 import os
+import sys
+import time
 from typing import Optional, Sequence
 
 from data_pipelines import core
 from data_pipelines import sources
+from data_pipelines import store_job
 from data_pipelines import vocab as vocab_lib
 from doremi_jax import store
+from doremi_jax import store_builds
 
 DEFAULT_ROWS_PER_SHARD = 1 << 16
 
@@ -124,78 +136,6 @@ def source_fingerprint(dset: core.DomainSet) -> str:
 # ---------------------------------------------------------------- pipeline
 
 
-def _runner_and_options(pipeline_args: Sequence[str], num_workers: int):
-  """FnApiRunner for direct runs (never Prism); the options as given else."""
-  from apache_beam.options import pipeline_options as po  # pylint: disable=g-import-not-at-top
-  args = list(pipeline_args)
-  options = po.PipelineOptions(args)
-  runner = options.view_as(po.StandardOptions).runner
-  if runner not in (None, "DirectRunner", "direct", "FnApiRunner"):
-    return runner, options
-  from apache_beam.runners.portability.fn_api_runner import fn_runner  # pylint: disable=g-import-not-at-top
-  direct = options.view_as(po.DirectOptions)
-  if not any(a.startswith("--direct_num_workers") for a in args):
-    direct.direct_num_workers = int(num_workers)
-  if not any(a.startswith("--direct_running_mode") for a in args):
-    direct.direct_running_mode = ("in_memory"
-                                  if direct.direct_num_workers == 1 else "multi_processing")
-  return fn_runner.FnApiRunner(), options
-
-
-def _pipeline(p, dset, split, length, out_dir, tmp_dir, meta, rows_per_shard):
-  """Adds the build's transforms to pipeline `p` (see doremi_jax.store_beam)."""
-  import apache_beam as beam  # pylint: disable=g-import-not-at-top
-  from doremi_jax import store_beam  # pylint: disable=g-import-not-at-top
-  groups, fallback = read_groups(dset, split)
-  check_files(groups)
-  stage1 = []
-  units = [(gi, fi, path) for gi, g in enumerate(groups) for fi, path in enumerate(g["files"])]
-  if units:
-    stage1.append(p | "RawFiles" >> beam.Create(units)
-                  | "SpreadFiles" >> beam.Reshuffle()
-                  | "ReadFile" >> beam.ParDo(
-                      store_beam.ReadFile(groups, tokenizer_spec(dset.vocabulary), tmp_dir)))
-  if fallback:
-    for d, task in dset.tasks():
-      if d in fallback and split not in task.source.splits:
-        raise StoreBuildError(f"Domain {d!r} has no {split!r} split (splits: "
-                              f"{list(task.source.splits)}).")
-    tasks = [(d, t) for d, t in dset.tasks() if d in fallback]
-    stage1.append(
-        p | "TaskDomains" >> beam.Create(list(range(len(tasks))))
-        | "SpreadTasks" >> beam.Reshuffle()
-        | "ReadTask" >> beam.ParDo(store_beam.ReadTask(split, tmp_dir, len(groups), tasks)))
-  plan = (
-      stage1 | "Chunks" >> beam.Flatten()
-      | "AllChunks" >> beam.combiners.ToList()
-      |
-      "Plan" >> beam.Map(store_beam.make_plan, domains=dset.domains, domain_ids=meta["domain_ids"],
-                         sequence_length=length, rows_per_shard=rows_per_shard, split=split))
-  shards = (
-      plan | "ShardSpecs" >> beam.FlatMap(store_beam.shard_specs)
-      | "SpreadShards" >> beam.Reshuffle()
-      | "WriteShard" >> beam.ParDo(store_beam.WriteShard(out_dir, length)))
-  _ = (
-      shards | "AllShards" >> beam.combiners.ToList()
-      | "Manifest" >> beam.Map(store_beam.write_manifest, plan=beam.pvalue.AsSingleton(plan),
-                               meta=meta, out_dir=out_dir, tmp_dir=tmp_dir))
-
-
-def _beam_error(e: Exception) -> Optional[Exception]:
-  """The build's own error inside a runner's wrapped exception, if any."""
-  if isinstance(e, (StoreBuildError, FileNotFoundError, PermissionError)):
-    return type(e)(str(e).split(" [while running")[0])
-  text = str(e)
-  for cls in (StoreBuildError, FileNotFoundError, PermissionError):
-    name = "StoreBuildError" if cls is StoreBuildError else cls.__name__
-    marker = f"{name}: "
-    if marker in text:
-      msg = text[text.rindex(marker) + len(marker):].split("\n")[0]
-      msg = msg.split(" [while running")[0].strip()
-      return cls(msg)
-  return None
-
-
 def build_meta(dset: core.DomainSet, split: str, sequence_length: int, rows_per_shard: int) -> dict:
   """The manifest fields that identify a build; build_key hashes its content."""
   meta = {
@@ -220,8 +160,14 @@ def build_meta(dset: core.DomainSet, split: str, sequence_length: int, rows_per_
 
 def build_store(domain_set: str, split: str, sequence_length: int, store_dir: str, *,
                 num_workers: int = 1, pipeline_args: Sequence[str] = (),
-                rows_per_shard: int = DEFAULT_ROWS_PER_SHARD, overwrite: bool = False) -> dict:
-  """Builds (or reuses) `<store_dir>/<split>/` and returns its manifest.
+                rows_per_shard: int = DEFAULT_ROWS_PER_SHARD, overwrite: bool = False,
+                verbose: bool = False, build_args: Optional[Sequence[str]] = None,
+                stale_after_s: float = store_builds.STALE_AFTER_S,
+                retain_s: float = store_builds.RETAIN_S) -> dict:
+  """Builds (or reuses) the split's store under `store_dir` and returns its manifest.
+
+  Any number of these may run at once on one store, on one machine or many: each builds in
+  its own directory and the first to finish publishes (doremi_jax/store_builds.py).
 
   Args:
     domain_set: a registered domain set, or one of its tasks or mixtures.
@@ -232,7 +178,13 @@ def build_store(domain_set: str, split: str, sequence_length: int, store_dir: st
     num_workers: DirectRunner worker processes (1: in-process).
     pipeline_args: extra Beam pipeline options, e.g. ["--runner=Dataflow..."].
     rows_per_shard: rows per ArrayRecord file.
-    overwrite: rebuild over a complete store built from other inputs.
+    overwrite: build and publish anew even over a complete store (damaged, or built from
+      other inputs); readers that opened the old build keep reading it.
+    verbose: Beam's own logs on stderr (else in a file, named in the plan line).
+    build_args: the build_store command's arguments, recorded in the manifest for the
+      rebuild command that errors name (default: --domain_set and --sequence_length).
+    stale_after_s: another build without heartbeat for this long is dead.
+    retain_s: a build replaced by --overwrite is removed after this long.
 
   Returns:
     The manifest, plus "counters" (this run's Beam counters: raw_lines,
@@ -240,61 +192,46 @@ def build_store(domain_set: str, split: str, sequence_length: int, store_dir: st
   """
   dset = core.get_domain_set(domain_set)
   meta = build_meta(dset, split, sequence_length, rows_per_shard)
-  out_dir = store.split_dir(store_dir, split)
-  old = store.read_manifest(store_dir, split)
-  if old is not None and old.get("complete"):
+  sdir = store.split_dir(store_dir, split)
+  old = store.bounded(lambda: store.read_manifest(store_dir, split),
+                      store.REMOTE_TIMEOUT_S if store.is_remote(sdir) else None,
+                      f"Reading the store manifest in {sdir}")
+  published = (old or {}).get("build")
+  store_builds.clean_dead(sdir, published, stale_after_s, store_job.echo, retain_s)
+  if old is not None and old.get("complete") and not overwrite:
     if old.get("build_key") == meta["build_key"]:
-      logging.info("Store %s is complete; reusing it.", out_dir)
+      logging.info("Store %s is complete; reusing it.", sdir)
       return old
-    if not overwrite:
-      diff = sorted(
-          k for k in meta if old.get(k) != meta[k] and k not in ("build_key", "rows_per_shard"))
-      raise StoreBuildError(f"{out_dir} holds a complete store built from other inputs (differs "
-                            f"in {diff}). Choose another --store_dir, or pass --overwrite to "
-                            "replace it.")
-  if store.is_remote(out_dir) and out_dir.startswith("ram://") and (num_workers != 1):
+    diff = sorted(
+        k for k in meta if old.get(k) != meta[k] and k not in ("build_key", "rows_per_shard"))
+    raise StoreBuildError(f"{sdir} holds a complete store built from other inputs (differs "
+                          f"in {diff}). Choose another --store_dir, or replace it: "
+                          f"`{store.rebuild_command(old, store_dir, split)}`.")
+  if store.is_remote(sdir) and sdir.startswith("ram://") and (num_workers != 1):
     raise StoreBuildError("A ram:// store lives in one process: use "
                           "num_workers=1.")
-  store.makedirs(out_dir)
-  manifest_path = os.path.join(out_dir, store.MANIFEST)
-  if store.exists(manifest_path):
-    store.gfile().remove(manifest_path) if store.is_remote(manifest_path) else os.remove(
-        manifest_path)
-  tmp_dir = os.path.join(out_dir, "_tmp")
-  store.remove_tree(tmp_dir)
-  return _run(dset, split, sequence_length, out_dir, tmp_dir, meta, rows_per_shard, num_workers,
-              pipeline_args, store_dir)
-
-
-def _run(dset, split, length, out_dir, tmp_dir, meta, rows_per_shard, num_workers, pipeline_args,
-         store_dir) -> dict:
-  import apache_beam as beam  # pylint: disable=g-import-not-at-top
-  from apache_beam.metrics import metric  # pylint: disable=g-import-not-at-top
-  runner, options = _runner_and_options(pipeline_args, num_workers)
-  p = beam.Pipeline(runner=runner, options=options)
-  _pipeline(p, dset, split, length, out_dir, tmp_dir, meta, rows_per_shard)
-  try:
-    result = p.run()
-    result.wait_until_finish()
-  except Exception as e:  # pylint: disable=broad-except
-    ours = _beam_error(e)
-    if ours is not None:
-      raise ours from e
-    raise
-  counters = {}
-  try:
-    query = result.metrics().query(metric.MetricsFilter().with_namespace("doremi_jax.store"))
-    for c in query["counters"]:
-      counters[c.key.metric.name] = counters.get(c.key.metric.name, 0) + (c.committed or 0)
-  except Exception:  # pylint: disable=broad-except  (runners without metrics)
-    logging.warning("Beam metrics unavailable from this runner.")
-  manifest = store.read_manifest(store_dir, split)
-  if manifest is None:
-    raise StoreBuildError(f"The build of {out_dir} finished without a "
-                          "manifest; see the runner's logs and rerun it.")
-  logging.info("Built %s: %d rows, %d tokens, counters %s", out_dir, manifest["rows"],
-               manifest["tokens"], counters)
-  return dict(manifest, counters=counters)
+  groups, fallback = read_groups(dset, split)
+  check_files(groups)
+  for d, task in dset.tasks():
+    if d in fallback and split not in task.source.splits:
+      raise StoreBuildError(f"Domain {d!r} has no {split!r} split (splits: "
+                            f"{list(task.source.splits)}).")
+  build_id = store_builds.new_build_id()
+  job = {
+      "split": split,
+      "store_dir": store_dir,
+      "sdir": sdir,
+      "bdir": store_builds.build_dir(sdir, build_id),
+      "log": None if verbose else store_job.log_path(sdir, build_id),
+      "start": time.monotonic()
+  }
+  job["tokenizer"] = tokenizer_spec(dset.vocabulary)
+  built, counters = store_job.run(dset, split, sequence_length, meta, rows_per_shard, num_workers,
+                                  pipeline_args, groups, fallback, job)
+  args = list(build_args or [f"--domain_set={dset.name}", f"--sequence_length={sequence_length}"])
+  return store_job.publish(
+      dict(built, build=f"{store_builds.BUILDS}/{build_id}", build_args=args), counters,
+      old if overwrite else None, job)
 
 
 def default_store_root() -> str:
@@ -317,34 +254,41 @@ def store_path(domain_set: str, sequence_length: int, root: Optional[str] = None
 def open_store(mixture_or_task_name: str, split: str, sequence_length: int, *,
                store_dir: Optional[str] = None, cache_dir: Optional[str] = None, build: bool = True,
                process_index: int = 0, num_workers: int = 1, pipeline_args: Sequence[str] = (),
-               wait_timeout_s: Optional[float] = None) -> store.StoreDomains:
+               wait_timeout_s: float = store_builds.WAIT_TIMEOUT_S) -> store.StoreDomains:
   """The split's token store of the mixture's domain set, opened and checked.
 
   store_dir: the store (default: store_path(set, L, cache_dir)).
-  build: process 0 builds (or reuses) the store with the DirectRunner and the other
-    processes wait for its manifest; False: it must exist (built beforehand, e.g. by
-    `python -m data_pipelines.build_store` on Dataflow).
+  build: process 0 builds (or reuses) the store with the DirectRunner, or waits while another
+    job builds it; the other processes wait for its manifest, saying so every minute, for at
+    most wait_timeout_s;
+    False: it must exist (built beforehand, e.g. by `python -m data_pipelines.build_store`
+    on Dataflow).
   mixture_rates are the mixture's, lazily counted natural rates resolved from the store's
   train token counts.
   """
   dset = core.get_domain_set(mixture_or_task_name)
   store_dir = store_dir or store_path(dset.name, sequence_length, cache_dir)
   meta = build_meta(dset, split, sequence_length, DEFAULT_ROWS_PER_SHARD)
+  command = store.build_command(dset.name, split, sequence_length, store_dir)
+  wait = functools.partial(store_builds.wait_published, store_dir, split, command=command,
+                           timeout_s=wait_timeout_s, poll_s=1.0, echo=store_job.echo)
   if build and process_index == 0:
+    wait(while_building=True)  # another job builds it now: rather than build it twice
+    # Reuses the published store, or builds it (none was running, or the other one died).
     build_store(dset.name, split, sequence_length, store_dir, num_workers=num_workers,
                 pipeline_args=pipeline_args)
   elif build:
-    store.wait_for_manifest(store_dir, split, timeout_s=wait_timeout_s, poll_s=1.0)
+    wait()
   st = store.StoreDomains.open(store_dir, split=split, domain_set=dset.name,
                                vocabulary_key=meta["vocabulary_key"],
                                sequence_length=sequence_length)
-  cmd = store.build_command(dset.name, split, sequence_length, store_dir)
+  cmd = store.rebuild_command(st.manifest, store_dir, split)
   for key in ("source_fingerprint", "domains"):
     if st.manifest.get(key) != meta[key]:
       raise store.StoreMismatchError(
           f"Store {store.split_dir(store_dir, split)} was built with {key}="
           f"{st.manifest.get(key)!r}, the domain set now has {meta[key]!r} "
-          f"(its sources changed). Rebuild into a new directory: `{cmd}`.")
+          f"(its sources changed). Rebuild it: `{cmd}` (or into a new --store_dir).")
   counts = st.num_tokens if split == "train" else None
   st.mixture_rates = core.mixture_rates(mixture_or_task_name, natural_counts=counts)
   return st
@@ -367,7 +311,10 @@ def main(argv=None):
       "or ~/.cache/doremi_jax/store)")
   p.add_argument("--num_workers", type=int, default=1)
   p.add_argument("--rows_per_shard", type=int, default=DEFAULT_ROWS_PER_SHARD)
-  p.add_argument("--overwrite", action="store_true")
+  p.add_argument("--overwrite", action="store_true",
+                 help="build and publish anew over a complete store (damaged, other inputs)")
+  p.add_argument("--verbose", action="store_true",
+                 help="Beam's and TensorFlow's own logs on stderr (else in a file)")
   p.add_argument(
       "--module", default=None, help="modules registering the set, comma-separated "
       "(default: data_pipelines.<domain_set>)")
@@ -375,9 +322,10 @@ def main(argv=None):
                  help="calls <module>.register(data_dir) (Pile, SlimPajama)")
   p.add_argument("--spm", default=None, help="SentencePiece model for "
                  "register(data_dir, vocabulary=...)")
+  argv = sys.argv[1:] if argv is None else list(argv)
   args, rest = p.parse_known_args(argv)
   beam_args = [a for a in rest if not a.startswith("--gin.")]
-  logging.basicConfig(level=logging.INFO)
+  logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
   if args.gin_file:
     from data_pipelines import corpus  # pylint: disable=g-import-not-at-top
     args.domain_set = corpus.register_from_gin(
@@ -393,7 +341,8 @@ def main(argv=None):
   for split in args.split.split(","):
     manifest = build_store(args.domain_set, split, args.sequence_length, store_dir,
                            num_workers=args.num_workers, pipeline_args=beam_args,
-                           rows_per_shard=args.rows_per_shard, overwrite=args.overwrite)
+                           rows_per_shard=args.rows_per_shard, overwrite=args.overwrite,
+                           verbose=args.verbose, build_args=_rebuild_args(argv))
     print(
         json.dumps({
             "store_dir": store_dir,
@@ -401,6 +350,20 @@ def main(argv=None):
                 k: manifest[k] for k in ("domain_set", "split", "rows", "tokens", "raw_lines")
             }
         }))
+
+
+def _rebuild_args(argv: Sequence[str]) -> list[str]:
+  """The command's arguments without those store.rebuild_command sets."""
+  out, skip = [], False
+  for a in argv:
+    name = a.split("=")[0]
+    if skip or name in ("--overwrite", "--verbose"):
+      skip = False
+    elif name in ("--split", "--store_dir", "--cache_dir"):
+      skip = "=" not in a  # "--split train": drop its value too
+    else:
+      out.append(a)
+  return out
 
 
 if __name__ == "__main__":

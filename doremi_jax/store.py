@@ -6,12 +6,16 @@ plus EOS, exactly as its SeqIO tasks do) and packed within each domain by
 writes it (an Apache Beam job); `StoreDomains` reads it at train time as a
 drop-in replacement for `doremi_jax.data.PackedDomains`.
 
-Layout of `<store_dir>/<split>/`:
+Layout of a build's directory, `<store_dir>/<split>/builds/<id>/` (how
+builds share a store and publish one of them: doremi_jax/store_builds.py):
   <domain>-<shard:05d>-of-<n:05d>.array_record  rows_per_shard rows each
     (the last shard of a domain holds the rest); written with
     ARRAY_RECORD_OPTIONS (one zstd-compressed record per chunk, so any row
     is one read and one small decompression).
-  manifest.json  written last (atomic rename); `"complete": true`.
+  manifest.json  written last; `"complete": true`. Published as
+    `<store_dir>/<split>/manifest.json` with `"build": "builds/<id>"`.
+Stores of the first layout (shards and manifest in `<store_dir>/<split>/`)
+read as before.
 
 One record is one packed row of length L: `targets` then `segment_ids`,
 both int32 little-endian (8 * L bytes before compression). The other
@@ -43,7 +47,7 @@ array_record opens local paths and gs:// natively. Other tf.io.gfile schemes
 import hashlib
 import json
 import os
-import shutil
+import shlex
 import tempfile
 import threading
 import uuid
@@ -51,6 +55,20 @@ from concurrent import futures
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
+
+# File helpers (re-exported: callers use store.exists, store.write_atomic, ...).
+from doremi_jax.store_files import bounded  # pylint: disable=unused-import
+from doremi_jax.store_files import exists  # pylint: disable=unused-import
+from doremi_jax.store_files import file_size  # pylint: disable=unused-import
+from doremi_jax.store_files import gfile  # pylint: disable=unused-import
+from doremi_jax.store_files import is_remote  # pylint: disable=unused-import
+from doremi_jax.store_files import makedirs  # pylint: disable=unused-import
+from doremi_jax.store_files import open_file  # pylint: disable=unused-import
+from doremi_jax.store_files import remove_tree  # pylint: disable=unused-import
+from doremi_jax.store_files import REMOTE_TIMEOUT_S  # pylint: disable=unused-import
+from doremi_jax.store_files import StoreUnreachableError  # pylint: disable=unused-import
+from doremi_jax.store_files import tmp_name  # pylint: disable=unused-import
+from doremi_jax.store_files import write_atomic  # pylint: disable=unused-import
 
 FEATURES = ("inputs", "targets", "segment_ids", "positions", "domain_ids")
 FORMAT_VERSION = 1
@@ -71,54 +89,6 @@ class StoreMismatchError(ValueError):
   """The store was built for another domain set, vocabulary or length."""
 
 
-# ------------------------------------------------------------------- files
-
-
-def is_remote(path: str) -> bool:
-  return "://" in path
-
-
-def gfile():
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  return tf.io.gfile
-
-
-def open_file(path: str, mode: str = "rb"):
-  """Builtin open for local paths, tf.io.gfile for the others."""
-  return gfile().GFile(path, mode) if is_remote(path) else open(path, mode)
-
-
-def exists(path: str) -> bool:
-  return gfile().exists(path) if is_remote(path) else os.path.exists(path)
-
-
-def makedirs(path: str) -> None:
-  if is_remote(path):
-    gfile().makedirs(path)
-  else:
-    os.makedirs(path, exist_ok=True)
-
-
-def remove_tree(path: str) -> None:
-  if not exists(path):
-    return
-  if is_remote(path):
-    gfile().rmtree(path)
-  else:
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def write_atomic(path: str, data: bytes) -> None:
-  """Writes a temp file next to `path`, then renames it onto `path`."""
-  tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-  with open_file(tmp, "wb") as f:
-    f.write(data)
-  if is_remote(path):
-    gfile().rename(tmp, path, overwrite=True)
-  else:
-    os.replace(tmp, path)
-
-
 def split_dir(store_dir: str, split: str) -> str:
   return os.path.join(store_dir, split)
 
@@ -133,6 +103,26 @@ def build_command(domain_set: str, split: str, sequence_length: int, store_dir: 
           f"--store_dir={store_dir}")
 
 
+def rebuild_command(manifest: Optional[Mapping[str, Any]], store_dir: str, split: str, *,
+                    domain_set: Optional[str] = None, sequence_length: Optional[int] = None) -> str:
+  """The command that rebuilds the split in place: the build's own arguments (recorded in
+  its manifest) with --split, --store_dir and --overwrite."""
+  args = list((manifest or {}).get("build_args") or [])
+  if not args:
+    args = [
+        f"--domain_set={domain_set or (manifest or {}).get('domain_set', '<domain set>')}",
+        f"--sequence_length={sequence_length or (manifest or {}).get('sequence_length', 0)}"
+    ]
+  args += [f"--split={split}", f"--store_dir={store_dir}", "--overwrite"]
+  return "python -m data_pipelines.build_store " + shlex.join(args)
+
+
+def data_dir(store_dir: str, split: str, manifest: Mapping[str, Any]) -> str:
+  """Where the published build's shards are (the split directory itself in the old layout)."""
+  build = manifest.get("build")
+  return os.path.join(split_dir(store_dir, split), build) if build else split_dir(store_dir, split)
+
+
 def read_manifest(store_dir: str, split: str) -> Optional[dict]:
   """The split's manifest, or None when there is none (not built yet)."""
   path = os.path.join(split_dir(store_dir, split), MANIFEST)
@@ -140,22 +130,6 @@ def read_manifest(store_dir: str, split: str) -> Optional[dict]:
     return None
   with open_file(path, "rb") as f:
     return json.loads(f.read().decode("utf-8"))
-
-
-def wait_for_manifest(store_dir: str, split: str, *, timeout_s: Optional[float] = None,
-                      poll_s: float = 10.0) -> dict:
-  """Polls until another process's build writes the manifest (multi-host)."""
-  import time  # pylint: disable=g-import-not-at-top
-  start = time.monotonic()
-  while True:
-    manifest = read_manifest(store_dir, split)
-    if manifest is not None and manifest.get("complete"):
-      return manifest
-    if timeout_s is not None and time.monotonic() - start > timeout_s:
-      raise IncompleteStoreError(f"No manifest in {split_dir(store_dir, split)} after {timeout_s}s "
-                                 "of waiting for the builder; check its logs, or build it: "
-                                 f"`{build_command('<domain set>', split, 0, store_dir)}`.")
-    time.sleep(poll_s)
 
 
 def build_key(**fields: Any) -> str:
@@ -218,10 +192,12 @@ def check_manifest(manifest: Optional[Mapping[str, Any]], store_dir: str, split:
         f"No complete store in {split_dir(store_dir, split)}: {MANIFEST} is "
         f"missing (the build never ran or was interrupted). Rerun the build: "
         f"`{cmd}`.")
+  cmd = rebuild_command(manifest, store_dir, split, domain_set=domain_set,
+                        sequence_length=sequence_length)
   if manifest.get("format_version") != FORMAT_VERSION:
     raise StoreMismatchError(f"Store {split_dir(store_dir, split)} has format version "
                              f"{manifest.get('format_version')}, this reader reads "
-                             f"{FORMAT_VERSION}; rebuild it into a new directory: `{cmd}`.")
+                             f"{FORMAT_VERSION}; rebuild it: `{cmd}`.")
   wanted = {
       "domain_set": domain_set,
       "vocabulary_key": vocabulary_key,
@@ -231,8 +207,8 @@ def check_manifest(manifest: Optional[Mapping[str, Any]], store_dir: str, split:
     if want is not None and manifest.get(key) != want:
       raise StoreMismatchError(f"Store {split_dir(store_dir, split)} was built with {key}="
                                f"{manifest.get(key)!r}, but this run needs {key}={want!r}. Use the "
-                               f"store built for this run, or build one into another directory: "
-                               f"`{cmd}`.")
+                               f"store built for this run, or build one into another directory "
+                               f"(another --store_dir), or replace it: `{cmd}`.")
 
 
 class StoreDomains:
@@ -246,9 +222,10 @@ class StoreDomains:
   mixed = False
 
   def __init__(self, manifest: Mapping[str, Any], directory: str, *,
-               reader_options: Optional[Mapping[str,
-                                                str]] = None, num_threads: Optional[int] = None):
+               reader_options: Optional[Mapping[str, str]] = None,
+               num_threads: Optional[int] = None, rebuild: Optional[str] = None):
     self.manifest = dict(manifest)
+    self._rebuild = rebuild or rebuild_command(manifest, "<store_dir>", manifest["split"])
     self.names = list(manifest["domains"])
     self.split = manifest["split"]
     self.sequence_length = int(manifest["sequence_length"])
@@ -274,8 +251,8 @@ class StoreDomains:
   @classmethod
   def open(cls, store_dir: str, *, split: str = "train", domain_set: Optional[str] = None,
            vocabulary_key: Optional[str] = None, sequence_length: Optional[int] = None,
-           cache_dir: Optional[str] = None,
-           reader_options: Optional[Mapping[str, str]] = None) -> "StoreDomains":
+           cache_dir: Optional[str] = None, reader_options: Optional[Mapping[str, str]] = None,
+           remote_timeout_s: Optional[float] = REMOTE_TIMEOUT_S) -> "StoreDomains":
     """Opens a complete store, refusing one built for another run.
 
     Args:
@@ -288,14 +265,25 @@ class StoreDomains:
         (default: a fresh temporary directory).
       reader_options: array_record reader options, e.g.
         {"index_storage_option": "offloaded"}.
+      remote_timeout_s: bound on the manifest read and first shard open of a
+        remote store (StoreUnreachableError, one line, after it).
     """
-    manifest = read_manifest(store_dir, split)
+    where = split_dir(store_dir, split)
+    manifest = bounded(lambda: read_manifest(store_dir, split),
+                       remote_timeout_s if is_remote(store_dir) else None,
+                       f"Reading the store manifest in {where}")
     check_manifest(manifest, store_dir, split, domain_set=domain_set, vocabulary_key=vocabulary_key,
                    sequence_length=sequence_length)
-    directory = split_dir(store_dir, split)
+    directory = data_dir(store_dir, split, manifest)
     if is_remote(directory) and not directory.startswith("gs://"):
       directory = _local_copy(directory, manifest, cache_dir)
-    return cls(manifest, directory, reader_options=reader_options)
+    st = cls(manifest, directory, reader_options=reader_options,
+             rebuild=rebuild_command(manifest, store_dir, split))
+    if directory.startswith("gs://"):  # array_record's open of an unreachable gs:// path hangs
+      first = manifest["domains"][0]
+      bounded(lambda: st._reader(first, 0), remote_timeout_s,
+              f"Opening the store shard {st._files[first][0]}")
+    return st
 
   @property
   def pools(self) -> list[str]:
@@ -335,7 +323,7 @@ class StoreDomains:
                                                          file_reader_buffer_size=32768)
           if not reader.ok() or reader.num_records() == 0:
             raise FileNotFoundError(f"Store shard unreadable or empty: {path}; "
-                                    "rebuild the store.")
+                                    f"rebuild the store: `{self._rebuild}`.")
           self._readers[key] = reader
     return reader
 

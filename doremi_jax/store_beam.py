@@ -18,11 +18,13 @@ Stages:
      doremi_jax.data.pack_documents (rows start at shard and block
      boundaries, so packing a range equals packing the whole domain) and
      writes one ArrayRecord file.
-  4. write_manifest: last, by atomic rename.
+  4. write_manifest: last, by atomic rename, in the build's own directory;
+     the driver then publishes it (doremi_jax/store_builds.py).
 """
 import json
 import os
 import tempfile
+import time
 import uuid
 from typing import Any, Mapping, Optional, Sequence
 
@@ -31,17 +33,40 @@ import numpy as np
 
 from doremi_jax import data
 from doremi_jax import store
+from doremi_jax import store_builds
 from doremi_jax import store_raw
 
 NAMESPACE = "doremi_jax.store"
 _FLUSH_DOCS = 256
 _BLOCK_TOKENS = 1 << 20
+_PROGRESS_S = {False: 2.0, True: 10.0}  # seconds between progress writes: local, remote
 
 StoreBuildError = store.StoreBuildError
 
 
 def counter(name: str):
   return beam.metrics.Metrics.counter(NAMESPACE, name)
+
+
+class _Progress:
+  """A worker's documents so far on one unit (raw file or task), written now and then to
+  the build's progress directory for the driver's progress line."""
+
+  def __init__(self, pdir: Optional[str], unit: str):
+    self._pdir, self._unit = pdir, unit
+    self._every = _PROGRESS_S[bool(pdir) and store.is_remote(pdir)]
+    self._last = time.monotonic()
+    self.docs = 0
+
+  def add(self, n: int) -> None:
+    self.docs += n
+    if self._pdir and time.monotonic() - self._last >= self._every:
+      store_builds.write_progress(self._pdir, self._unit, self.docs, 0, False)
+      self._last = time.monotonic()
+
+  def done(self, size_bytes: int) -> None:
+    if self._pdir:
+      store_builds.write_progress(self._pdir, self._unit, self.docs, size_bytes, True)
 
 
 # ------------------------------------------------------------------ chunks
@@ -119,10 +144,10 @@ class ReadFile(beam.DoFn):
   """(group, file index, path) -> chunk records and one file record."""
 
   def __init__(self, groups: Sequence[Mapping[str, Any]], tokenizer_spec: Mapping[str, Any],
-               tmp_dir: str):
+               tmp_dir: str, progress_dir: Optional[str] = None):
     self._groups = [dict(g) for g in groups]
     self._spec = dict(tokenizer_spec)
-    self._tmp = tmp_dir
+    self._tmp, self._pdir = tmp_dir, progress_dir
     self._tokenizer = None
 
   def setup(self):
@@ -133,12 +158,14 @@ class ReadFile(beam.DoFn):
     group = self._groups[gi]
     stats = {"lines": 0, "malformed": 0, "unrouted": 0, "seen": set()}
     chunks = _Chunks(self._tokenizer, self._tmp, gi, fi)
-    docs = 0
+    progress = _Progress(self._pdir, f"file-{gi:03d}-{fi:06d}")
     for text, domains in store_raw.iter_docs(path, group, stats):
-      docs += 1
+      progress.add(1)
       for d in domains:
         chunks.add_text(d, text)
     yield from chunks.close(group["domains"])
+    docs = progress.docs
+    progress.done(store.file_size(path))
     counter("raw_lines").inc(stats["lines"])
     counter("malformed_lines_skipped").inc(stats["malformed"])
     counter("unrouted_lines").inc(stats["unrouted"])
@@ -156,13 +183,16 @@ class ReadFile(beam.DoFn):
 class ReadTask(beam.DoFn):
   """Fallback: task index -> the chunk of that domain's tokenized split."""
 
-  def __init__(self, split: str, tmp_dir: str, group: int, tasks: Sequence[tuple[str, Any]]):
+  def __init__(self, split: str, tmp_dir: str, group: int, tasks: Sequence[tuple[str, Any]],
+               progress_dir: Optional[str] = None):
     self._split, self._tmp, self._group = split, tmp_dir, group
     self._tasks = list(tasks)
+    self._pdir = progress_dir
 
   def process(self, index):
     domain, task = self._tasks[index]
     chunks = _Chunks(None, self._tmp, self._group + index, 0)
+    progress = _Progress(self._pdir, f"task-{index:04d}")
     ds = task.get_dataset(None, split=self._split, shuffle=False)
     batch = []
     for ex in ds.as_numpy_iterator():
@@ -170,9 +200,12 @@ class ReadTask(beam.DoFn):
       if len(batch) >= _FLUSH_DOCS:
         chunks.add_tokens(domain, batch)
         counter("documents").inc(len(batch))
+        progress.add(len(batch))
         batch = []
     chunks.add_tokens(domain, batch)
     counter("documents").inc(len(batch))
+    progress.add(len(batch))
+    progress.done(0)
     yield from chunks.close([domain])
 
 
