@@ -337,24 +337,31 @@ def _finish(studies: dict, pipeline_dir: str):
 
 
 def console_summary(summary: dict, report_path: str) -> str:
-  """The verdicts in a few lines, for the terminal."""
+  """The verdicts in a few lines, for the terminal, then every flag the report raises."""
   lines = [
       f"DoReMi study {summary['name']} (one seed: provisional verdicts): DoReMi weights " +
       ", ".join(f"{d} {w:.3f}" for d, w in summary["doremi_weights"].items())
   ]
+  downstream = summary.get("downstream") or {}
+  nd = downstream.get("decimals", 1)
   for name, b in summary.get("baselines", {}).items():
     reach = (f"reaches its final average at {b['fraction_of_steps']:.0%} of the steps"
              if b.get("fraction_of_steps") is not None else "never reaches its final average")
     lines.append(
-        f"  vs {name}: average {b['verdict_average']} ({b['delta_average']:+.4f} nats), worst "
-        f"case {b['verdict_worst']} ({b['delta_worst']:+.4f}), better on "
+        f"  vs {name}: average {b['verdict_average']} ({_nats(b['delta_average'])}), worst "
+        f"case {b['verdict_worst']} ({_nats(b['delta_worst'])}), better on "
         f"{b['domains_better']}/{b['num_domains']} domains, {reach}")
-    ds = ((summary.get("downstream") or {}).get("baselines") or {}).get(name)
+    ds = (downstream.get("baselines") or {}).get(name)
     if ds:
-      lines.append(f"    downstream exact match {ds['delta_average']:+.1f} points, higher on "
-                   f"{ds['tasks_better']}/{ds['num_tasks']} tasks")
+      lines.append(f"    downstream exact match {report_lib.pct(ds['delta_average'], nd, '+')} "
+                   f"points, higher on {ds['tasks_better']}/{ds['num_tasks']} tasks")
+  lines += [f"warning: {f}" for f in report_lib.flags(summary)]
   lines.append(f"report: {report_path}")
   return "\n".join(lines)
+
+
+def _nats(delta) -> str:
+  return "the baseline diverged" if delta is None else f"{delta:+.4f} nats"
 
 
 def _scoped_doremi(eta: Optional[float] = None):
