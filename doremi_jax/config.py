@@ -8,6 +8,7 @@ import gin
 import jax
 
 from doremi_jax import distributed
+from doremi_jax import gin_check
 from doremi_jax import outputs
 from doremi_jax import quiet
 
@@ -71,13 +72,17 @@ def parse_gin(gin_files, bindings, search_paths: str = "") -> None:
     try:
       gin.parse_config_file(name)
     except Exception as e:  # pylint: disable=broad-except
-      raise SystemExit(f"error: gin file {name}: {_first_line(e)}") from None
+      raise SystemExit(f"error: gin file {name}: {gin_check.explain(_first_line(e))}") from None
   for binding in bindings:
     try:
       gin.parse_config(binding)
     except Exception as e:  # pylint: disable=broad-except
-      raise SystemExit(f"error: --gin.{binding}: {_first_line(e)}\n(string values need inner "
-                       f"quotes: --gin.MODEL_DIR=\"'/tmp/run'\")") from None
+      raise SystemExit(
+          f"error: --gin.{binding}: {gin_check.explain(_first_line(e), binding)}") from None
+  try:
+    gin_check.check_bound_macros(bindings)
+  except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
 
 
 def quiet_logging() -> None:
@@ -104,15 +109,13 @@ def run_main(fn, argv=None, extra=None):
   try:
     return fn(args) if extra else fn()
   except (ValueError, FileNotFoundError, FloatingPointError, outputs.OutputError) as e:
-    logging.error("%s", e)
-    raise SystemExit(f"error: {e}") from None
+    raise SystemExit(f"error: {gin_check.user_terms(e)}") from None
   except Exception as e:  # pylint: disable=broad-except
     if outputs.is_io_error(e):  # a write or read that failed outside outputs' helpers
       logging.debug("I/O error", exc_info=True)
-      message = (f"{outputs.first_line(e)}. Check space and access there, then rerun the same "
-                 f"command: the run resumes from its last complete checkpoint.")
-      logging.error("%s", message)
-      raise SystemExit(f"error: {message}") from None
+      raise SystemExit(f"error: {outputs.first_line(e)}. Check space and access there, then "
+                       f"rerun the same command: the run resumes from its last complete "
+                       f"checkpoint.") from None
     # gin: a configurable called without its required bindings
     if not isinstance(e, RuntimeError) or "Required bindings" not in str(e):
       raise
