@@ -22,6 +22,7 @@ if __name__ == "__main__":
   raise SystemExit(0)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -48,7 +49,9 @@ BASELINES = ("natural", "uniform", "unimax")
 
 def _scoped_train(scope: str, model_dir: str, mixture: str, **overrides) -> dict:
   """Runs (or resumes, or skips if finished) one stage in its gin scope."""
-  with gin.config_scope(scope):
+  study = metrics_lib.current_study()
+  label = f"{scope} {os.path.basename(os.path.normpath(model_dir))}"
+  with gin.config_scope(scope), (study.stage(scope, label) if study else contextlib.nullcontext()):
     t0 = time.time()
     result = train_lib.train(model_dir, mixture_or_task_name=mixture, **overrides)
     if result["preempted"]:
@@ -135,37 +138,50 @@ def pipeline(pipeline_dir: str = gin.REQUIRED, *, domain_set: str = gin.REQUIRED
   etas = list(etas) if etas else [_scoped_doremi().eta]
   grid = {"seeds": list(seeds) if seeds else [None], "etas": etas}
   studies = {}
-  for seed in grid["seeds"]:
-    seed_dir = (
-        pipeline_dir if len(grid["seeds"]) == 1 else os.path.join(pipeline_dir, f"seed{seed}"))
-    stage_args = {"task_feature_lengths": {"targets": sequence_length}, "cache_dir": cache_dir}
-    if seed is not None:
-      stage_args["random_seed"] = int(seed)
-    bases = {
-        b:
-            _baseline_weights(b, natural, token_counts,
-                              main_tokens=main_steps * main_batch_size * sequence_length,
-                              unimax_max_epochs=unimax_max_epochs) for b in baselines
-    }
-    run_main = functools.partial(_main_runs, seed_dir, domain_set, stage_args=stage_args,
-                                 train_steps=main_steps, batch_size=main_batch_size)
-    base_results = None
-    for eta in etas:
-      tag = "" if len(etas) == 1 else f"_eta{eta:g}"
-      rounds, converged = _doremi_rounds(seed_dir, domain_set, ref_w, stage_args, eta=eta, tag=tag,
-                                         max_rounds=max_rounds, convergence_tol=convergence_tol)
-      out_w = rounds[-1]["output_weights"]
-      _write_weights(
-          os.path.join(seed_dir, f"domain_weights{tag}.json"), out_w, domain_set, rounds, converged)
-      results = {"doremi": run_main({f"doremi{tag}": out_w})[f"doremi{tag}"]}
-      base_results = base_results or run_main(bases)  # shared by the etas
-      studies[(seed, eta)] = _study(
-          name or os.path.basename(os.path.normpath(pipeline_dir)), domain_set, rounds, converged, {
-              **results,
-              **base_results
-          }, _study_config(seed_dir, reference_weights, max_rounds, tag=tag),
-          (main_steps, main_batch_size, sequence_length), seed=seed, eta=eta)
+  kinds = _stage_kinds(len(grid["seeds"]), len(etas), max_rounds, len(baselines))
+  with metrics_lib.StudyProgress(kinds):
+    for seed in grid["seeds"]:
+      seed_dir = (
+          pipeline_dir if len(grid["seeds"]) == 1 else os.path.join(pipeline_dir, f"seed{seed}"))
+      stage_args = {"task_feature_lengths": {"targets": sequence_length}, "cache_dir": cache_dir}
+      if seed is not None:
+        stage_args["random_seed"] = int(seed)
+      bases = {
+          b:
+              _baseline_weights(b, natural, token_counts,
+                                main_tokens=main_steps * main_batch_size * sequence_length,
+                                unimax_max_epochs=unimax_max_epochs) for b in baselines
+      }
+      run_main = functools.partial(_main_runs, seed_dir, domain_set, stage_args=stage_args,
+                                   train_steps=main_steps, batch_size=main_batch_size)
+      base_results = None
+      for eta in etas:
+        tag = "" if len(etas) == 1 else f"_eta{eta:g}"
+        rounds, converged = _doremi_rounds(seed_dir, domain_set, ref_w, stage_args, eta=eta,
+                                           tag=tag, max_rounds=max_rounds,
+                                           convergence_tol=convergence_tol)
+        out_w = rounds[-1]["output_weights"]
+        _write_weights(
+            os.path.join(seed_dir, f"domain_weights{tag}.json"), out_w, domain_set, rounds,
+            converged)
+        results = {"doremi": run_main({f"doremi{tag}": out_w})[f"doremi{tag}"]}
+        base_results = base_results or run_main(bases)  # shared by the etas
+        studies[(seed, eta)] = _study(
+            name or os.path.basename(os.path.normpath(pipeline_dir)), domain_set, rounds, converged,
+            {
+                **results,
+                **base_results
+            }, _study_config(seed_dir, reference_weights, max_rounds, tag=tag),
+            (main_steps, main_batch_size, sequence_length), seed=seed, eta=eta)
   return _finish(studies, pipeline_dir)
+
+
+def _stage_kinds(num_seeds: int, num_etas: int, max_rounds: int, num_baselines: int) -> list:
+  """The kinds of the study's stages in the order they run (all rounds, if none converges);
+  None for a stage that finds its run finished: the etas after the first share round 1's
+  reference (several etas run one round)."""
+  first = ["reference", "proxy"] * max_rounds + ["main"]
+  return (first + [None, "proxy", "main"] * (num_etas - 1) + ["main"] * num_baselines) * num_seeds
 
 
 def _study(name, domain_set, rounds, converged, results, config, compute, *, seed, eta) -> dict:

@@ -1,4 +1,5 @@
 """Convergence diagnostics and the over-seeds verdict rule, on constructed numbers."""
+import io
 import math
 
 import numpy as np
@@ -111,3 +112,41 @@ def test_summarize_groups_by_eta_and_baseline():
   assert out["0.1"]["uniform"]["average"]["verdict"] == aggregate.NO_DIFFERENCE
   assert out["0.1"]["uniform"]["steps_to_reach"]["mean"] == pytest.approx(60)
   assert out["1"]["uniform"]["steps_to_reach"]["reached"] == "1/2 seeds"
+
+
+class _Terminal(io.StringIO):
+
+  def isatty(self):
+    return True
+
+
+def test_study_progress_line_and_time_left(monkeypatch):
+  """Stage i of n and the study's time left: this stage's, then each later stage at its
+  kind's measured length (a kind not measured yet: the mean of those measured; a reused
+  run: 0). Catches a line without the study's position or an estimate that ignores it."""
+  from doremi_jax import metrics  # pylint: disable=g-import-not-at-top
+  from doremi_jax import pipeline  # pylint: disable=g-import-not-at-top
+  kinds = pipeline._stage_kinds(1, 1, 1, 3)
+  assert kinds == ["reference", "proxy", "main", "main", "main", "main"]
+  assert pipeline._stage_kinds(1, 2, 1,
+                               1) == ["reference", "proxy", "main", None, "proxy", "main", "main"]
+  clock = [100.0]
+  monkeypatch.setattr(metrics.time, "time", lambda: clock[0])
+  out = _Terminal()
+  assert metrics.current_study() is None
+  with metrics.StudyProgress(["reference", "proxy", None, "main"]) as study:
+    with study.stage("reference", "reference reference"):
+      progress = metrics.Progress(100, 0, stream=out)
+      clock[0] += 20.0  # 25 steps in 20 s: the stage takes 80 s, 60 s are left
+      progress.update(25, 2.5, 1000.0)
+      # later: proxy and main not measured, each counted as the reference's 80 s; None is 0
+      assert study.left(60.0, 80.0) == 60.0 + 80.0 + 0.0 + 80.0
+      progress.close()
+    line = out.getvalue().split("\n")[0]
+    assert line.startswith("\rstage 1/4 reference reference [##--------] 25/100 loss 2.5000")
+    assert "0:01:00 left; study ~0:03:40" in line
+    with study.stage("proxy", "proxy doremi"):
+      assert study.label() == "stage 2/4 proxy doremi"
+      study.record(10.0)
+      assert study.left(5.0, 10.0) == 5.0 + 0.0 + (80.0 + 10.0) / 2
+  assert metrics.current_study() is None
