@@ -43,6 +43,8 @@ def parse_flags(argv, extra=None, description=None):
       "the shipped gin files (e.g. runs/doremi.gin)")
   parser.add_argument("--gin_search_paths", default="",
                       help="comma-separated directories to look for gin files in")
+  parser.add_argument(quiet.VERBOSE_FLAG, action="store_true",
+                      help="show every log line and warning, the libraries' too")
   distributed.add_flags(parser)
   if extra:
     extra(parser)
@@ -86,22 +88,15 @@ def parse_gin(gin_files, bindings, search_paths: str = "") -> None:
 
 
 def quiet_logging() -> None:
-  """INFO logs from this project; TensorFlow, absl, jax, orbax and gin at WARNING."""
-  # absl (imported by jax/tf) installs its own root handler at WARNING; replace it.
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                      force=True)
-  for noisy in ("absl", "jax", "orbax", "tensorflow"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
-  # gin logs its file lookups on the root logger (each include path miss as an error).
-  for handler in logging.getLogger().handlers:
-    handler.addFilter(lambda r: f"{os.sep}gin{os.sep}" not in r.pathname)
+  """The run's logging: quiet.py's filter, or everything with --verbose."""
+  quiet.quiet_logging(show_all=quiet.verbose())
 
 
 def run_main(fn, argv=None, extra=None):
   """Entry point shared by train/evaluate/pipeline: flags, distributed init, gin, fn()."""
-  quiet_logging()
   args, bindings = parse_flags(sys.argv[1:] if argv is None else argv, extra,
                                description=sys.modules[fn.__module__].__doc__)
+  quiet.quiet_logging(show_all=args.verbose or quiet.verbose())
   distributed.initialize_from_flags(args)
   with quiet.filtered_native_stderr():  # the backends' start-up probes
     jax.devices()
