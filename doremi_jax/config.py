@@ -34,9 +34,22 @@ def write_operative_config(model_dir: str) -> None:
   outputs.write_text(os.path.join(model_dir, outputs.CONFIG), gin.operative_config_str())
 
 
+_EPILOG = """gin:
+  --gin_file=FILE         a gin file (repeatable), e.g. pipelines/demo_cpu.gin
+  --gin.NAME=VALUE        binds a macro or a parameter after the files; strings need inner
+                          quotes: --gin.MODEL_DIR="'/tmp/run'" --gin.TRAIN_STEPS=300
+                          --gin.main/train.eval_every=50 (a stage's scope: reference/, proxy/,
+                          main/)
+  --help with --gin_file lists the macros those files bind, with their values.
+The console scripts doremi-train, doremi-evaluate, doremi-pipeline, doremi-compile-check
+run the same as `python -m doremi_jax.train` (and so on)."""
+
+
 def parse_flags(argv, extra=None, description=None):
-  parser = argparse.ArgumentParser(description=description,
+  parser = argparse.ArgumentParser(description=description, epilog=_EPILOG, add_help=False,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("-h", "--help", action="store_true",
+                      help="show this help (and the macros of the --gin_file files) and exit")
   parser.add_argument(
       "--gin_file", action="append", default=[],
       help="gin file (repeatable); searched in --gin_search_paths, then in "
@@ -49,12 +62,36 @@ def parse_flags(argv, extra=None, description=None):
   if extra:
     extra(parser)
   args, rest = parser.parse_known_args(argv)
+  if args.help:
+    print(parser.format_help() + _macros_help(args.gin_file, args.gin_search_paths))
+    raise SystemExit(0)
   bindings = []
   for arg in rest:
     if not arg.startswith("--gin."):
       parser.error(f"unknown flag {arg!r}; gin bindings are --gin.NAME=VALUE")
     bindings.append(arg[len("--gin."):])
   return args, bindings
+
+
+def _macros_help(gin_files, search_paths: str) -> str:
+  """For --help: the macros that gin_files bind and use (NAME = value), and their bindings of
+  steps (a study's stages: shorten it with these). Empty without files."""
+  if not gin_files:
+    return ""
+  try:
+    parse_gin(gin_files, [], search_paths)
+    used = gin_check.used_macros()
+    macros = {n: v for n, v in gin_check.bound_macros().items() if n in used}
+    steps = gin_check.bindings_named(("train_steps", "main_steps"))
+  finally:
+    gin.clear_config()
+  width = max((len(n) for n in macros), default=0)
+  lines = [f"\nmacros of {', '.join(gin_files)} (override with --gin.NAME=VALUE):"]
+  lines += [f"  --gin.{n.ljust(width)} = {v!r}" for n, v in sorted(macros.items())]
+  if steps:
+    lines += ["steps bound by these files (set smaller ones to shorten a run or study):"]
+    lines += [f"  --gin.{k}={v!r}" for k, v in steps]
+  return "\n".join(lines)
 
 
 def _first_line(e: BaseException) -> str:

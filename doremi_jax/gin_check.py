@@ -35,6 +35,27 @@ def used_macros() -> set[str]:
   return used
 
 
+def bound_macros() -> dict:
+  """{NAME: value} of the macros the parsed files and bindings bind."""
+  config = gin_config._CONFIG  # pylint: disable=protected-access
+  return {
+      scope: params.get("value")
+      for (scope, selector), params in config.items()
+      if selector == "gin.macro"
+  }
+
+
+def bindings_named(params: Sequence[str]) -> list[tuple[str, object]]:
+  """[("scope/configurable.param", value)] of the parsed bindings of these parameters, with
+  literal values (macro references left out: their macros are listed)."""
+  out = []
+  for (scope, selector), bound in gin_config._CONFIG.items():  # pylint: disable=protected-access
+    for param, value in bound.items():
+      if param in params and not isinstance(value, gin_config.ConfigurableReference):
+        out.append((f"{scope + '/' if scope else ''}{selector.rsplit('.', 1)[-1]}.{param}", value))
+  return sorted(out)
+
+
 def nearest(name: str, known: Iterable[str], n: int = 3) -> list[str]:
   """The known names closest to name (case-insensitive), best first."""
   by_lower = {k.lower(): k for k in known}

@@ -1,6 +1,6 @@
 r"""The whole DoReMi study from one gin file.
 
-  python -m doremi_jax.pipeline --gin_file=gin/pipelines/demo_cpu.gin
+  doremi-pipeline --gin_file=pipelines/demo_cpu.gin
 
 reference -> DoReMi proxy (iterated rounds) -> main models on the DoReMi weights and on
 each baseline (natural token proportions, uniform, UniMax) at equal compute -> per-domain

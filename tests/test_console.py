@@ -33,3 +33,24 @@ def test_quiet_hides_unactionable_notices_and_verbose_shows_them():
   loud = helpers.run([sys.executable, "-c", _NOISY, "--verbose"], timeout=120).stderr
   for text in _NOISE:
     assert text in loud, (text, loud)
+
+
+def test_help_lists_gin_flags_a_files_macros_and_its_steps(capsys):
+  # Catches a --help that leaves out --gin.NAME=VALUE, the macros a file expects, or how to
+  # shorten a study (its steps), and examples that do not use the console scripts.
+  import gin  # pylint: disable=g-import-not-at-top
+  import pytest  # pylint: disable=g-import-not-at-top
+  from doremi_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from doremi_jax import pipeline  # pylint: disable=g-import-not-at-top
+  with pytest.raises(SystemExit) as e:
+    config_lib.parse_flags(["--gin_file=pipelines/custom_cpu.gin", "--help"],
+                           description=pipeline.__doc__)
+  assert e.value.code == 0
+  text = capsys.readouterr().out
+  for expected in ("--gin.NAME=VALUE", "inner", "doremi-pipeline --gin_file", "--verbose",
+                   "--gin.DATA_FILES", "--gin.pipeline.main_steps=300",
+                   "--gin.reference/train.train_steps=300", "--gin.proxy/train.train_steps=300"):
+    assert expected in text, (expected, text)
+  assert any("--gin.DOMAIN_FIELD " in l and l.endswith("= 'domain'") for l in text.splitlines())
+  assert "REFERENCE_DIR" not in text  # a macro the file does not use
+  assert not gin.config._CONFIG  # pylint: disable=protected-access  # the help left no config
