@@ -150,3 +150,22 @@ def test_study_progress_line_and_time_left(monkeypatch):
       study.record(10.0)
       assert study.left(5.0, 10.0) == 5.0 + 0.0 + (80.0 + 10.0) / 2
   assert metrics.current_study() is None
+
+
+def test_over_seeds_report_plot_and_console_flags(tmp_path):
+  """The report over seeds links its difference plot; the console carries the runs' flags.
+  Catches a console that drops 'weights not settled' when several seeds ran."""
+  from doremi_jax import report  # pylint: disable=g-import-not-at-top
+  from tests import test_report  # pylint: disable=g-import-not-at-top
+  studies, per_seed = {}, {}
+  for seed, settled in ((0, True), (1, False)):
+    study = test_report._study({"doremi": [3.0, 2.0, 1.5 + 0.1 * seed], "natural": [3.0, 2.5, 2.0]})
+    study["rounds"][-1]["diagnostics"] = test_report._diagnostics((0.1, 0.1, 0.1), settled)
+    studies[(seed, 1.0)] = study
+    per_seed[f"seed{seed}_eta1"] = report.compute_summary(study)
+  summary = aggregate.write(studies, per_seed, str(tmp_path))
+  md = (tmp_path / "report.md").read_text()
+  assert f"]({aggregate.PLOT})" in md
+  assert (tmp_path / aggregate.PLOT).read_bytes().startswith(test_report.PNG_MAGIC)
+  console = aggregate.console(summary, "report.md")
+  assert "warning: weights not settled in 1 of 2 runs: seed1_eta1" in console
