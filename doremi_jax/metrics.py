@@ -6,6 +6,7 @@ late to respect async dispatch).
 """
 import contextlib
 import contextvars
+import logging
 import math
 import os
 import sys
@@ -219,6 +220,17 @@ class Progress:
     self.t0 = time.time()
     self.study = current_study()
     self._projected, self._width = None, 0
+    if self.enabled:  # a log line starts below the progress line, not after it
+      for handler in logging.getLogger().handlers:
+        handler.addFilter(self._end_line)
+
+  def _end_line(self, record) -> bool:
+    del record
+    if self._width:
+      self.stream.write("\n")
+      self.stream.flush()
+      self._width = 0
+    return True
 
   def update(self, step: int, loss: Optional[float], tokens_per_second: float) -> None:
     done = step - self.start
@@ -248,7 +260,11 @@ class Progress:
     if self.study is not None and self._projected is not None:
       self.study.record(self._projected)
     if self.enabled:
-      self.stream.write("\n")
+      for handler in logging.getLogger().handlers:
+        handler.removeFilter(self._end_line)
+      if self._width:
+        self.stream.write("\n")
+      self._width = 0
 
 
 def _hms(seconds: float) -> str:

@@ -26,12 +26,15 @@ _NOISE = re.compile(
 
 # Log records of libraries that a user cannot act on: Beam's optional GCP clients (imported by
 # the store build), orbax's notes on the read-only managers that read a reference or an
-# evaluation's checkpoint, seqio's evaluator on the lengths and loggers this project sets.
+# evaluation's checkpoint, seqio's evaluator on the lengths and loggers this project sets;
+# the store build's note that a store is complete, repeated at every stage.
 _UNACTIONABLE = re.compile(
     r"apitools not found|bigquery|BigQuery|"
     r"CheckpointManagerOptions\.read_only=True|Given directory is read only=|"
     r"Given sequence lengths are longer than necessary|"
-    r"'logger_cls' is empty")
+    r"'logger_cls' is empty|"
+    # the token store, found complete again by each stage of a study
+    r"is complete; reusing it")
 # Loggers kept at WARNING (their INFO lines are the libraries' internals).
 _LIBRARIES = ("absl", "jax", "orbax", "tensorflow", "apache_beam")
 

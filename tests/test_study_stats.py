@@ -169,3 +169,25 @@ def test_over_seeds_report_plot_and_console_flags(tmp_path):
   assert (tmp_path / aggregate.PLOT).read_bytes().startswith(test_report.PNG_MAGIC)
   console = aggregate.console(summary, "report.md")
   assert "warning: weights not settled in 1 of 2 runs: seed1_eta1" in console
+
+
+def test_a_log_line_starts_below_the_progress_line():
+  # Catches a log record written onto the end of the progress line ("0:13:172026-12-04 ...").
+  import logging  # pylint: disable=g-import-not-at-top
+  from doremi_jax import metrics  # pylint: disable=g-import-not-at-top
+  out = _Terminal()
+  handler = logging.StreamHandler(out)
+  root = logging.getLogger()
+  root.addHandler(handler)
+  try:
+    progress = metrics.Progress(10, 0, stream=out)
+    progress.update(5, 1.0, 10.0)
+    root.warning("evaluated")
+    progress.update(6, 1.0, 10.0)
+    progress.close()
+    root.warning("after")
+  finally:
+    root.removeHandler(handler)
+  text = out.getvalue()
+  assert "left\nevaluated\n\r[" in text.replace(" \n", "\n"), repr(text)
+  assert text.endswith("left\nafter\n"), repr(text)
