@@ -456,8 +456,8 @@ def final_ppl_figure(summary):
                       [_num(f["average"]), _num(f["worst"])])
 
   series = {n: values(f) - values(final[base]) for n, f in final.items() if n != base}
-  return bar_figure(keys, series, f"minus `{base}` (nats/token)",
-                    f"Final held-out log-perplexity minus `{base}`'s (below 0: better)")
+  return bar_figure(keys, series, f"minus {base} (nats/token)",
+                    f"Final held-out log-perplexity minus {base}'s (below 0: better)")
 
 
 def _plot_final_ppl(summary, path):
@@ -486,7 +486,7 @@ def curves_figure(study):
   axes[0].set(title="average log-perplexity", ylabel="nats/token")
   if base:
     axes[1].axhline(0.0, color="black", lw=0.8)
-    axes[1].set(title=f"average minus `{base}`'s (below 0: better)", ylabel="nats/token")
+    axes[1].set(title=f"average minus {base}'s (below 0: better)", ylabel="nats/token")
   for ax in axes:
     ax.set_xlabel("main-model step")
     ax.grid(alpha=0.3)

@@ -19,8 +19,8 @@ absl_logging.warning("Given sequence lengths are longer than necessary for some 
 logging.info("the project's line")
 logging.getLogger("orbax").warning("a library warning that matters")
 """
-_NOISE = ("apitools", "BigQuery", "read_only=True", "read only=", "logger_cls",
-          "longer than necessary")
+NOISE = ("apitools", "BigQuery", "read_only=True", "read only=", "logger_cls",
+         "longer than necessary")
 
 
 def test_quiet_hides_unactionable_notices_and_verbose_shows_them():
@@ -28,10 +28,10 @@ def test_quiet_hides_unactionable_notices_and_verbose_shows_them():
   # hides the project's own lines or a library warning outside the known notices.
   quiet = helpers.run([sys.executable, "-c", _NOISY], timeout=120).stderr
   assert "the project's line" in quiet and "a library warning that matters" in quiet
-  for text in _NOISE:
+  for text in NOISE:
     assert text not in quiet, (text, quiet)
   loud = helpers.run([sys.executable, "-c", _NOISY, "--verbose"], timeout=120).stderr
-  for text in _NOISE:
+  for text in NOISE:
     assert text in loud, (text, loud)
 
 

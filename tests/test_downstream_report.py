@@ -180,7 +180,8 @@ def test_downstream_plot_axis_and_lines(tmp_path):
   study["mains"]["uniform"] = dict(study["mains"]["natural"])
   fig = report_downstream.curves_figure(study)
   ax = fig.axes[0]
-  assert ax.get_ylim() == pytest.approx((0.0, 5 * 0.25))
+  assert ax.get_ylim() == pytest.approx((-0.03 * 5 * 0.25, 5 * 0.25))
   assert len({(l.get_linestyle(), l.get_marker()) for l in ax.get_lines()}) == 3
+  assert len({tuple(l.get_xdata()) for l in ax.get_lines()}) == 3  # equal curves side by side
   assert report_downstream.plot_curves(study, str(tmp_path / "d.png"))
   assert (tmp_path / "d.png").read_bytes().startswith(test_report.PNG_MAGIC)
