@@ -8,6 +8,7 @@ Steps to reach the baseline's final average are summarized the same way over the
 where DoReMi reached it. Downstream exact match (points; higher is better), when the main
 runs evaluated downstream tasks, follows the same rule with the sign reversed.
 """
+import io
 import math
 import os
 from typing import Mapping, Optional, Sequence
@@ -15,6 +16,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 
 from doremi_jax import outputs
+from doremi_jax import report
 
 PROVISIONAL = "provisional (one seed)"
 NO_DIFFERENCE = "no significant difference"
@@ -133,7 +135,7 @@ def _downstream_md(downstream: Mapping) -> list:
 
 
 def render(studies: Mapping, per_seed: Mapping[str, Mapping], stats: Mapping,
-           downstream: Optional[Mapping] = None) -> str:
+           downstream: Optional[Mapping] = None, plot: Optional[str] = None) -> str:
   """report.md of a study over seeds and etas."""
   first = next(iter(studies.values()))
   seeds = sorted({s for s, _ in studies}, key=str)
@@ -146,6 +148,8 @@ def render(studies: Mapping, per_seed: Mapping[str, Mapping], stats: Mapping,
       "|mean| > 2 standard errors (sd / sqrt(n)); otherwise there is no significant "
       "difference.", ""
   ]
+  if plot:
+    lines += [f"![DoReMi minus each baseline, mean and sd over seeds]({plot})", ""]
   for eta in stats:
     lines += [
         f"## eta = {eta}", "", "| baseline | average | verdict | worst case | verdict | "
@@ -203,6 +207,40 @@ def methods_md(stats: Mapping) -> list[str]:
   return (["## Other mixture methods over seeds", ""] + lines) if lines else []
 
 
+PLOT = "plots/deltas_over_seeds.png"
+
+
+def deltas_figure(stats: Mapping):
+  """DoReMi minus each baseline per eta (average and worst case): the mean over seeds, a bar
+  of one sample sd either side."""
+  names = list(dict.fromkeys(n for per in stats.values() for n in per))
+  if not names:
+    return None
+  series, errors = {}, {}
+  for eta, per in stats.items():
+    for key in ("average", "worst"):
+      label = f"{key} (eta {eta})"
+      cells = [per.get(n, {}).get(key) or {} for n in names]
+      series[label] = [c.get("mean") for c in cells]
+      errors[label] = [c.get("sd") or 0.0 for c in cells]
+  return report.bar_figure(names, series, "DoReMi minus baseline (nats/token)",
+                           "DoReMi minus each baseline, mean ± sd over seeds (below 0: better)",
+                           errors)
+
+
+def _write_plot(fig, path: str) -> Optional[str]:
+  """The figure as a PNG at path (local or gs://), from process 0."""
+  if fig is None or not outputs.is_writer():
+    return None
+  buf = io.BytesIO()
+  fig.tight_layout()
+  fig.savefig(buf, format="png", dpi=110)
+  outputs.makedirs(os.path.dirname(path))
+  with outputs.gfile().GFile(path, "wb") as f:
+    f.write(buf.getvalue())
+  return path
+
+
 def write(studies: Mapping, per_seed: Mapping[str, Mapping], out_dir: str) -> dict:
   """report.md and summary.json over seeds and etas; returns the summary."""
   stats, downstream = summarize(per_seed), _downstream(per_seed)
@@ -215,15 +253,33 @@ def write(studies: Mapping, per_seed: Mapping[str, Mapping], out_dir: str) -> di
       "runs": {
           k: {
               "doremi_weights": s.get("doremi_weights"),
-              "diagnostics": s.get("diagnostics")
+              "diagnostics": s.get("diagnostics"),
+              "downstream_at_floor": bool((s.get("downstream") or {}).get("at_floor"))
           } for k, s in per_seed.items()
       }
   }
+  plot = _write_plot(deltas_figure(stats), os.path.join(out_dir, PLOT))
   outputs.write_text(
       os.path.join(out_dir, outputs.REPORT),
-      render(studies, per_seed, stats, downstream) + "\n".join(methods_md(methods)))
+      render(studies, per_seed, stats, downstream, plot and PLOT) + "\n".join(methods_md(methods)))
   outputs.write_json(os.path.join(out_dir, outputs.SUMMARY), summary)
   return summary
+
+
+def flags(summary: Mapping) -> list:
+  """The warnings over the runs (each run's report has its own): weights that did not settle,
+  downstream tasks at the floor."""
+  runs = summary.get("runs") or {}
+  unsettled = [k for k, r in runs.items() if not (r.get("diagnostics") or {}).get("settled", True)]
+  floor = [k for k, r in runs.items() if r.get("downstream_at_floor")]
+  out = []
+  if unsettled:
+    out.append(f"weights not settled in {len(unsettled)} of {len(runs)} runs: "
+               f"{', '.join(unsettled)}")
+  if floor:
+    out.append(f"every main model at the downstream floor in {len(floor)} of {len(runs)} runs: "
+               "these tasks do not separate the mixtures")
+  return out
 
 
 def console(summary: Mapping, report_path: str) -> str:
@@ -237,5 +293,6 @@ def console(summary: Mapping, report_path: str) -> str:
       if ds:
         lines.append(f"    downstream exact match {_pm(ds['average'], 2)} points "
                      f"({ds['average']['verdict']})")
+  lines += [f"warning: {f}" for f in flags(summary)]
   lines.append(f"report: {report_path}")
   return "\n".join(lines)

@@ -1,6 +1,6 @@
 """Compile a run's step for a TPU topology on this host; report per-chip memory and FLOPs.
 
-  python -m doremi_jax.compile_check --gin_file=gin/runs/doremi.gin \
+  doremi-compile-check --gin_file=gin/runs/doremi.gin \
       --gin_file=gin/models/280m.gin --topology=v5e:4x4 [--gin.BATCH_SIZE=256]
 
 libtpu describes the topology (jax.experimental.topologies), the mesh is made over its

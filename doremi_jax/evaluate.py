@@ -1,12 +1,12 @@
 r"""Per-domain held-out log-perplexity (nats per token), and downstream exact match.
 
-  python -m doremi_jax.evaluate --gin_file=gin/runs/eval.gin --gin.MODEL_DIR="'/tmp/run'"
+  doremi-evaluate --gin_file=gin/runs/eval.gin --gin.MODEL_DIR="'/tmp/run'"
 
 writes MODEL_DIR/eval.json from the run's latest checkpoint: per-domain log-perplexity,
 their uniform average, the worst case, and the checkpoint step. During training,
 `train.eval_every` appends the same record to MODEL_DIR/eval_history.jsonl.
 
-  python -m doremi_jax.evaluate --gin_file=gin/runs/downstream.gin --gin.MODEL_DIR="'/tmp/run'"
+  doremi-evaluate --gin_file=gin/runs/downstream.gin --gin.MODEL_DIR="'/tmp/run'"
 
 writes MODEL_DIR/downstream.json: one-shot exact match on the paper's five generative tasks
 (downstream_eval.py; `train.downstream` does the same during training, into

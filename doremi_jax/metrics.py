@@ -4,11 +4,14 @@ a terminal progress bar.
 Only process 0 writes. Values arrive as host numpy/python (the loop reads metrics one step
 late to respect async dispatch).
 """
+import contextlib
+import contextvars
+import logging
 import math
 import os
 import sys
 import time
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -153,31 +156,115 @@ def _flatten(values: Mapping, prefix: str = ""):
       yield f"{prefix}{k}", float(v)
 
 
+_STUDY = contextvars.ContextVar("doremi_study_progress", default=None)
+
+
+class StudyProgress:
+  """Where a study (pipeline.py) stands, for the progress line: stage i of n, and the study's
+  time left, estimated from each kind of stage's measured length (reference, proxy, main;
+  a kind not run yet counts as the mean of those measured; a None kind, a stage that reuses
+  a finished run, as 0). `with StudyProgress(kinds):`
+  around the study, `with study.stage(kind, label):` around each stage; Progress reads it
+  (display only: nothing else depends on it)."""
+
+  def __init__(self, kinds: Sequence[str]):
+    self.kinds, self.done, self.seconds = list(kinds), 0, {}
+    self.current, self._token = None, None
+
+  def __enter__(self):
+    self._token = _STUDY.set(self)
+    return self
+
+  def __exit__(self, *exc):
+    _STUDY.reset(self._token)
+
+  @contextlib.contextmanager
+  def stage(self, kind: str, label: str):
+    self.current = (kind, label)
+    try:
+      yield
+    finally:
+      self.done, self.current = self.done + 1, None
+
+  def record(self, seconds: float) -> None:
+    """The current stage's measured (or projected) length, for the stages of its kind."""
+    if self.current:
+      self.seconds[self.current[0]] = seconds
+
+  def label(self) -> str:
+    total = max(len(self.kinds), self.done + 1)
+    return f"stage {self.done + 1}/{total} {self.current[1] if self.current else ''}".rstrip()
+
+  def left(self, stage_left: float, stage_seconds: float) -> float:
+    """The study's seconds left: this stage's, then each later stage's estimate."""
+    known = dict(self.seconds)
+    if self.current:
+      known.setdefault(self.current[0], stage_seconds)
+    fallback = sum(known.values()) / len(known) if known else stage_seconds
+    return stage_left + sum(
+        known.get(k, fallback) if k else 0.0 for k in self.kinds[self.done + 1:])
+
+
+def current_study() -> Optional[StudyProgress]:
+  return _STUDY.get()
+
+
 class Progress:
-  """A one-line progress bar with tokens/s and time left, only on an interactive terminal."""
+  """A one-line progress bar with tokens/s and time left, only on an interactive terminal;
+  inside a study, the stage (i of n) and the study's time left too."""
 
   def __init__(self, total_steps: int, start_step: int, *, stream=None):
     self.stream = stream or sys.stderr
     self.enabled = jax.process_index() == 0 and self.stream.isatty()
     self.total, self.start = total_steps, start_step
     self.t0 = time.time()
+    self.study = current_study()
+    self._projected, self._width = None, 0
+    if self.enabled:  # a log line starts below the progress line, not after it
+      for handler in logging.getLogger().handlers:
+        handler.addFilter(self._end_line)
+
+  def _end_line(self, record) -> bool:
+    del record
+    if self._width:
+      self.stream.write("\n")
+      self.stream.flush()
+      self._width = 0
+    return True
 
   def update(self, step: int, loss: Optional[float], tokens_per_second: float) -> None:
-    if not self.enabled:
-      return
     done = step - self.start
     elapsed = time.time() - self.t0
     left = elapsed / max(done, 1) * (self.total - step)
-    frac = step / max(self.total, 1)
-    bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
-    loss_s = f"loss {loss:.4f} " if loss is not None else ""
-    self.stream.write(f"\r[{bar}] {step}/{self.total} {loss_s}{tokens_per_second:,.0f} tok/s "
-                      f"{_hms(left)} left ")
+    self._projected = elapsed + left if done > 0 else None
+    if not self.enabled:
+      return
+    line = self.line(step, loss, tokens_per_second, left)
+    self.stream.write("\r" + line.ljust(self._width))  # blanks what a longer line left
+    self._width = len(line)
     self.stream.flush()
 
+  def line(self, step: int, loss: Optional[float], tokens_per_second: float, left: float) -> str:
+    frac = step / max(self.total, 1)
+    loss_s = f" loss {loss:.4f}" if loss is not None else ""
+    if self.study is None:
+      bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
+      return (f"[{bar}] {step}/{self.total}{loss_s} {tokens_per_second:,.0f} tok/s "
+              f"{_hms(left)} left")
+    bar = "#" * int(10 * frac) + "-" * (10 - int(10 * frac))
+    study_left = self.study.left(left, self._projected or 0.0)
+    return (f"{self.study.label()} [{bar}] {step}/{self.total}{loss_s}, {_hms(left)} left; "
+            f"study ~{_hms(study_left)}")
+
   def close(self) -> None:
+    if self.study is not None and self._projected is not None:
+      self.study.record(self._projected)
     if self.enabled:
-      self.stream.write("\n")
+      for handler in logging.getLogger().handlers:
+        handler.removeFilter(self._end_line)
+      if self._width:
+        self.stream.write("\n")
+      self._width = 0
 
 
 def _hms(seconds: float) -> str:

@@ -1,6 +1,6 @@
 r"""The whole DoReMi study from one gin file.
 
-  python -m doremi_jax.pipeline --gin_file=gin/pipelines/demo_cpu.gin
+  doremi-pipeline --gin_file=pipelines/demo_cpu.gin
 
 reference -> DoReMi proxy (iterated rounds) -> main models on the DoReMi weights and on
 each baseline (natural token proportions, uniform, UniMax) at equal compute -> per-domain
@@ -22,9 +22,11 @@ if __name__ == "__main__":
   raise SystemExit(0)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+import contextlib
 import dataclasses
 import functools
 import logging
+import math
 import os
 import tempfile
 import time
@@ -54,7 +56,9 @@ METHODS = ("doremi", "online_doremi", "odm", "schedule")
 
 def _scoped_train(scope: str, model_dir: str, mixture: str, **overrides) -> dict:
   """Runs (or resumes, or skips if finished) one stage in its gin scope."""
-  with gin.config_scope(scope):
+  study = metrics_lib.current_study()
+  label = f"{scope} {os.path.basename(os.path.normpath(model_dir))}"
+  with gin.config_scope(scope), (study.stage(scope, label) if study else contextlib.nullcontext()):
     t0 = time.time()
     result = train_lib.train(model_dir, mixture_or_task_name=mixture, **overrides)
     if result["preempted"]:
@@ -141,41 +145,63 @@ def pipeline(pipeline_dir: str = gin.REQUIRED, *, domain_set: str = gin.REQUIRED
   _validate(domain_set, baselines, max_rounds, natural_weights, etas)
   _validate_methods(methods, schedule_switch)
   natural, token_counts = _natural(domain_set, sequence_length, cache_dir, natural_weights)
-  ref_w = _reference_weights(reference_weights, natural, domain_set)
-  etas = list(etas) if etas else [_scoped_doremi().eta]
+  ref_w, etas = _reference_weights(reference_weights, natural, domain_set), _etas(etas)
   seeds, studies = list(seeds) if seeds else [None], {}
-  main_tokens = main_steps * main_batch_size * sequence_length
+  compute = (main_steps, main_batch_size, sequence_length)
   bases = {
       b:
-          _baseline_weights(b, natural, token_counts, main_tokens=main_tokens,
+          _baseline_weights(b, natural, token_counts, main_tokens=math.prod(compute),
                             unimax_max_epochs=unimax_max_epochs) for b in baselines
   }
-  for seed in seeds:
-    seed_dir = pipeline_dir if len(seeds) == 1 else os.path.join(pipeline_dir, f"seed{seed}")
-    stage_args = {"task_feature_lengths": {"targets": sequence_length}, "cache_dir": cache_dir}
-    stage_args.update({} if seed is None else {"random_seed": int(seed)})
-    run_main = functools.partial(_main_runs, seed_dir, domain_set, stage_args=stage_args,
-                                 train_steps=main_steps, batch_size=main_batch_size)
-    base_results = None
-    for eta in etas:
-      tag = "" if len(etas) == 1 else f"_eta{eta:g}"
-      rounds, converged = _doremi_rounds(seed_dir, domain_set, ref_w, stage_args, eta=eta, tag=tag,
-                                         max_rounds=max_rounds, convergence_tol=convergence_tol)
-      out_w = rounds[-1]["output_weights"]
-      _write_weights(
-          os.path.join(seed_dir, f"domain_weights{tag}.json"), out_w, domain_set, rounds, converged)
-      results = {"doremi": run_main({f"doremi{tag}": out_w})[f"doremi{tag}"]}
-      base_results = base_results or run_main(bases)  # shared by the etas
-      method_results = _method_runs(methods, run_main, seed_dir, natural=natural, doremi_w=out_w,
-                                    tag=tag, steps=main_steps, switch_fraction=schedule_switch)
-      studies[(seed, eta)] = _study(
-          name or os.path.basename(os.path.normpath(pipeline_dir)), domain_set, rounds, converged, {
-              **results,
-              **base_results
-          }, _study_config(seed_dir, reference_weights, max_rounds,
-                           tag=tag), (main_steps, main_batch_size, sequence_length), seed=seed,
-          eta=eta, methods=method_results)
+  rounds_of = functools.partial(_doremi_rounds, domain_set=domain_set, ref_w=ref_w,
+                                max_rounds=max_rounds, convergence_tol=convergence_tol)
+  kinds = _stage_kinds(len(seeds), len(etas), max_rounds, len(baselines) + len(methods) - 1)
+  with metrics_lib.StudyProgress(kinds):
+    for seed in seeds:
+      seed_dir, stage_args = _seed_stage(pipeline_dir, seeds, seed, sequence_length, cache_dir)
+      run_main = functools.partial(_main_runs, seed_dir, domain_set, stage_args=stage_args,
+                                   train_steps=main_steps, batch_size=main_batch_size)
+      base_results = None
+      for eta in etas:
+        tag = "" if len(etas) == 1 else f"_eta{eta:g}"
+        rounds, converged = rounds_of(seed_dir, stage_args=stage_args, eta=eta, tag=tag)
+        out_w = rounds[-1]["output_weights"]
+        _write_weights(
+            os.path.join(seed_dir, f"domain_weights{tag}.json"), out_w, domain_set, rounds,
+            converged)
+        results = {"doremi": run_main({f"doremi{tag}": out_w})[f"doremi{tag}"]}
+        base_results = base_results or run_main(bases)  # shared by the etas
+        method_results = _method_runs(methods, run_main, seed_dir, natural=natural, doremi_w=out_w,
+                                      tag=tag, steps=main_steps, switch_fraction=schedule_switch)
+        studies[(seed, eta)] = _study(
+            name or os.path.basename(os.path.normpath(pipeline_dir)), domain_set, rounds, converged,
+            {
+                **results,
+                **base_results
+            }, _study_config(seed_dir, reference_weights, max_rounds,
+                             tag=tag), compute, seed=seed, eta=eta, methods=method_results)
   return _finish(studies, pipeline_dir)
+
+
+def _etas(etas) -> list:
+  """The DoReMi step sizes of the study: pipeline.etas, or the proxy scope's eta."""
+  return list(etas) if etas else [_scoped_doremi().eta]
+
+
+def _seed_stage(pipeline_dir: str, seeds: list, seed, sequence_length: int, cache_dir):
+  """(the seed's directory, the train arguments every stage of that seed shares)."""
+  seed_dir = pipeline_dir if len(seeds) == 1 else os.path.join(pipeline_dir, f"seed{seed}")
+  stage_args = {"task_feature_lengths": {"targets": sequence_length}, "cache_dir": cache_dir}
+  stage_args.update({} if seed is None else {"random_seed": int(seed)})
+  return seed_dir, stage_args
+
+
+def _stage_kinds(num_seeds: int, num_etas: int, max_rounds: int, num_other_mains: int) -> list:
+  """The kinds of the study's stages in the order they run (all rounds, if none converges);
+  None for a stage that finds its run finished: the etas after the first share round 1's
+  reference (several etas run one round). num_other_mains: baselines and other methods."""
+  first = ["reference", "proxy"] * max_rounds + ["main"]
+  return (first + [None, "proxy", "main"] * (num_etas - 1) + ["main"] * num_other_mains) * num_seeds
 
 
 def _study(name, domain_set, rounds, converged, results, config, compute, *, seed, eta,
@@ -274,7 +300,7 @@ def _natural(domain_set: str, sequence_length: int, cache_dir, natural_weights: 
   return natural, token_counts
 
 
-def _doremi_rounds(pipeline_dir: str, domain_set: str, ref_w: dict, stage_args: dict, *, eta: float,
+def _doremi_rounds(pipeline_dir: str, *, domain_set: str, ref_w: dict, stage_args: dict, eta: float,
                    tag: str, max_rounds: int, convergence_tol: float):
   """Reference -> proxy rounds; round r+1's reference trains on round r's output."""
   from data_pipelines import weights as weights_lib
@@ -432,24 +458,31 @@ def _finish(studies: dict, pipeline_dir: str):
 
 
 def console_summary(summary: dict, report_path: str) -> str:
-  """The verdicts in a few lines, for the terminal."""
+  """The verdicts in a few lines, for the terminal, then every flag the report raises."""
   lines = [
       f"DoReMi study {summary['name']} (one seed: provisional verdicts): DoReMi weights " +
       ", ".join(f"{d} {w:.3f}" for d, w in summary["doremi_weights"].items())
   ]
+  downstream = summary.get("downstream") or {}
+  nd = downstream.get("decimals", 1)
   for name, b in summary.get("baselines", {}).items():
     reach = (f"reaches its final average at {b['fraction_of_steps']:.0%} of the steps"
              if b.get("fraction_of_steps") is not None else "never reaches its final average")
     lines.append(
-        f"  vs {name}: average {b['verdict_average']} ({b['delta_average']:+.4f} nats), worst "
-        f"case {b['verdict_worst']} ({b['delta_worst']:+.4f}), better on "
+        f"  vs {name}: average {b['verdict_average']} ({_nats(b['delta_average'])}), worst "
+        f"case {b['verdict_worst']} ({_nats(b['delta_worst'])}), better on "
         f"{b['domains_better']}/{b['num_domains']} domains, {reach}")
-    ds = ((summary.get("downstream") or {}).get("baselines") or {}).get(name)
+    ds = (downstream.get("baselines") or {}).get(name)
     if ds:
-      lines.append(f"    downstream exact match {ds['delta_average']:+.1f} points, higher on "
-                   f"{ds['tasks_better']}/{ds['num_tasks']} tasks")
+      lines.append(f"    downstream exact match {report_lib.pct(ds['delta_average'], nd, '+')} "
+                   f"points, higher on {ds['tasks_better']}/{ds['num_tasks']} tasks")
+  lines += [f"warning: {f}" for f in report_lib.flags(summary)]
   lines.append(f"report: {report_path}")
   return "\n".join(lines)
+
+
+def _nats(delta) -> str:
+  return "the baseline diverged" if delta is None else f"{delta:+.4f} nats"
 
 
 def _scoped_doremi(eta: Optional[float] = None):

@@ -20,10 +20,13 @@ import numpy as np
 from doremi_jax import curves
 from doremi_jax import report_diagnostics
 from doremi_jax import report_downstream
+from doremi_jax import report_flags
 from doremi_jax import report_methods
 
 DOREMI = curves.DOREMI
 steps_to_reach = curves.steps_to_reach
+pct = report_downstream.pct
+flags = report_flags.flags
 DEFAULT_TOLERANCE = 0.005
 _PAPER_SCALE = "a 280M proxy and an 8B main model, 200k steps each, on The Pile"
 
@@ -310,12 +313,21 @@ def _comparison_md(s):
   return "\n".join(lines)
 
 
+_PAPER_STEPS = 200_000
+
+
+def _scale_text(s):
+  steps = _num(s["total_steps"])
+  share = (f" ({steps / _PAPER_STEPS:.2%} of the paper's)"
+           if math.isfinite(steps) and steps < _PAPER_STEPS else "")
+  return (f"Scale matters too: the paper used {_PAPER_SCALE}; this study ran "
+          f"{_f(steps, 0)} steps per main model{share}, and results at another scale need "
+          "not transfer in either direction. Each run has one seed: the verdicts are "
+          "provisional (pipeline.seeds runs several and tests the differences).")
+
+
 def _closing_md(s):
-  scale = (f"Scale matters too: the paper used {_PAPER_SCALE}; this study ran "
-           f"{_f(s['total_steps'], 0)} steps per main model, and tiny CPU demo runs are far "
-           "from that scale, so their results need not transfer in either direction. Each "
-           "run has one seed: the verdicts are provisional (pipeline.seeds runs several and "
-           "tests the differences).")
+  scale = _scale_text(s)
   indep = ("independent studies (Aioli, ICLR 2025; UtiliMax, 2025) found that DoReMi often "
            "fails to beat simple stratified (uniform) or token-count baselines outside the "
            "paper's setup")
@@ -325,20 +337,24 @@ def _closing_md(s):
     text = ("DoReMi's main model beat every baseline on both average and worst-case "
             "log-perplexity in this study. Treat this with care: " + indep + ". " + scale)
   else:
-    misses = [
-        f"`{n}` (average: {b['verdict_average']}, worst case: {b['verdict_worst']})"
-        for n, b in s["baselines"].items()
-        if not (b["verdict_average"] == "better" and b["verdict_worst"] == "better")
-    ]
     text = ("**DoReMi did not beat every baseline in this study.** It was not better on both "
-            "average and worst-case log-perplexity than: " + ", ".join(misses) + ". This is "
-            "not unusual: " + indep + ". " + scale)
+            "average and worst-case log-perplexity than: " + ", ".join(_misses(s)) + ". This "
+            "is not unusual: " + indep + ". " + scale)
   return "## Conclusion\n\n" + text
+
+
+def _misses(s):
+  return [
+      f"`{n}` (average: {b['verdict_average']}, worst case: {b['verdict_worst']})"
+      for n, b in report_flags.flagged_baselines(s)
+  ]
 
 
 def render_markdown(study, summary, plots):
   """report.md text; `plots` maps plot name to a path relative to report.md."""
-  parts = [_header_md(study, summary), _weights_md(study, summary)]
+  glance = report_flags.glance_md(summary)
+  parts = [_header_md(study, summary)
+          ] + ([glance] if glance else []) + [_weights_md(study, summary)]
   if "weights" in plots:
     parts.append(f"![final weights]({plots['weights']})")
   if "trajectories" in plots:
@@ -346,7 +362,7 @@ def render_markdown(study, summary, plots):
                  f"![domain weight trajectories]({plots['trajectories']})")
   parts.append(_ppl_md(summary))
   if "final_ppl" in plots:
-    parts.append(f"![final per-domain log-perplexity]({plots['final_ppl']})")
+    parts.append(f"![final log-perplexity minus the baseline's]({plots['final_ppl']})")
   if "curves" in plots:
     parts.append(f"![log-perplexity against steps]({plots['curves']})")
   diag = report_diagnostics.section_md(study, summary, plots.get("moving_average"))
@@ -401,15 +417,22 @@ def _plot_trajectories(study, domains, path):
   return _save(fig, path)
 
 
-def _bar_chart(groups, series, ylabel, title, path):
-  """Grouped bars, series: {label: [value per group]}; NaN bars are marked 'NaN'."""
+def _bar_chart(groups, series, ylabel, title, path, errors=None):
+  """Grouped bars, series: {label: [value per group]}; NaN bars are marked 'NaN'; errors:
+  {label: [half-height of an error bar per group]} (over-seed spread)."""
+  return _save(bar_figure(groups, series, ylabel, title, errors), path)
+
+
+def bar_figure(groups, series, ylabel, title, errors=None):
   fig = Figure(figsize=(max(7.0, 0.9 * len(groups) + 2), 4.5))
   ax = fig.subplots()
   x, w = np.arange(len(groups)), 0.8 / max(len(series), 1)
   for j, (color, (label, vals)) in enumerate(zip(_colors(len(series)), series.items())):
     vals = np.asarray([_num(v) for v in vals])
     pos = x - 0.4 + w * (j + 0.5)
-    ax.bar(pos, np.where(np.isfinite(vals), vals, 0.0), w, label=label, color=color)
+    err = (errors or {}).get(label)
+    ax.bar(pos, np.where(np.isfinite(vals), vals, 0.0), w, label=label, color=color,
+           yerr=None if err is None else np.nan_to_num(np.asarray(err, float)), capsize=3)
     for p in pos[~np.isfinite(vals)]:
       ax.text(p, 0, "NaN", rotation=90, ha="center", va="bottom", fontsize=7, color="red")
   tilt = len(groups) > 4
@@ -417,38 +440,66 @@ def _bar_chart(groups, series, ylabel, title, path):
   ax.set_xticklabels(groups, rotation=45 if tilt else 0, ha="right" if tilt else "center",
                      fontsize=8)
   ax.set(ylabel=ylabel, title=title)
+  ax.axhline(0.0, color="black", lw=0.8)
   ax.grid(axis="y", alpha=0.3)
   ax.legend(fontsize=8)
-  return _save(fig, path)
+  return fig
+
+
+def final_ppl_figure(summary):
+  """Each run's final log-perplexity minus the baseline's (curves.baseline_of), per domain,
+  average and worst case: the differences are the point, not values near 3 nats."""
+  final, domains = summary["final"], summary["domains"]
+  base = curves.baseline_of(list(final))
+  if base is None:
+    return None
+  keys = domains + ["average", "worst"]
+
+  def values(f):
+    return np.asarray([_num(f["per_domain"][d]) for d in domains] +
+                      [_num(f["average"]), _num(f["worst"])])
+
+  series = {n: values(f) - values(final[base]) for n, f in final.items() if n != base}
+  return bar_figure(keys, series, f"minus {base} (nats/token)",
+                    f"Final held-out log-perplexity minus {base}'s (below 0: better)")
 
 
 def _plot_final_ppl(summary, path):
-  final, domains = summary["final"], summary["domains"]
-  series = {
-      n: [f["per_domain"][d] for d in domains] + [f["average"], f["worst"]]
-      for n, f in final.items()
+  fig = final_ppl_figure(summary)
+  return None if fig is None else _save(fig, path)
+
+
+def curves_figure(study):
+  """Average log-perplexity against steps (left) and each run's minus the baseline's at the
+  same steps (right), every line in its own style (curves.line_style)."""
+  mains = study.get("mains", {})
+  base = curves.baseline_of(list(mains))
+  fig = Figure(figsize=(11, 4.2))
+  axes = fig.subplots(1, 2 if base else 1, squeeze=False)[0]
+  base_at = {} if base is None else {
+      _num(e.get("step")): _eval_value(e, "average") for e in mains[base]["evals"]
   }
-  return _bar_chart(domains + ["average", "worst"], series, "final log-perplexity (nats/token)",
-                    "Final held-out log-perplexity per domain (lower is better)", path)
+  for j, (color, (n, m)) in enumerate(zip(_colors(len(mains)), mains.items())):
+    steps = [_num(e.get("step")) for e in m["evals"]]
+    vals = [_eval_value(e, "average") for e in m["evals"]]
+    axes[0].plot(steps, vals, color=color, label=n, **curves.line_style(j))
+    if base and n != base:
+      diff = [(s, v - base_at[s]) for s, v in zip(steps, vals) if s in base_at]
+      axes[1].plot([s for s, _ in diff], [d for _, d in diff], color=color, label=n,
+                   **curves.line_style(j))
+  axes[0].set(title="average log-perplexity", ylabel="nats/token")
+  if base:
+    axes[1].axhline(0.0, color="black", lw=0.8)
+    axes[1].set(title=f"average minus {base}'s (below 0: better)", ylabel="nats/token")
+  for ax in axes:
+    ax.set_xlabel("main-model step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  return fig
 
 
 def _plot_curves(study, path):
-  mains = study.get("mains", {})
-  fig = Figure(figsize=(11, 4.2))
-  axes = fig.subplots(1, 2)
-  for color, (n, m) in zip(_colors(len(mains)), mains.items()):
-    steps = [_num(e.get("step")) for e in m["evals"]]
-    for ax, key in zip(axes, ("average", "worst")):
-      vals = [_eval_value(e, key) for e in m["evals"]]
-      ax.plot(steps, vals, marker="o", ms=3, lw=2.5 if n == DOREMI else 1.5, color=color, label=n,
-              zorder=3 if n == DOREMI else 2)
-  for ax, title in zip(axes, ("average", "worst-case")):
-    ax.set_title(f"{title} log-perplexity")
-    ax.set_xlabel("main-model step")
-    ax.set_ylabel("nats/token")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-  return _save(fig, path)
+  return _save(curves_figure(study), path)
 
 
 def _plot_weights(study, summary, path):

@@ -31,8 +31,7 @@ def section_md(study: dict, summary: dict, plot: str = None) -> str:
   if excess and gap:
     lines += [
         "", "Tail means per domain (last half of the proxy run): the clipped excess "
-        "DoReMi weights by, and the proxy's loss minus the reference's (positive on "
-        "every domain: the proxy has not caught up with its reference).", "",
+        f"DoReMi weights by, and the proxy's loss minus the reference's ({gap_sentence(gap)}).", "",
         "| domain | mean excess | proxy - reference loss |", "|---|---|---|"
     ]
     lines += [
@@ -45,6 +44,24 @@ def section_md(study: dict, summary: dict, plot: str = None) -> str:
         f"the paper's Fig. 8:", "", f"![moving average of the weights]({plot})"
     ]
   return "\n".join(lines)
+
+
+def gap_sentence(gap: dict) -> str:
+  """What the signs of the proxy-minus-reference tail losses say, from the numbers."""
+  finite = {d: g for d, g in gap.items() if g is not None and np.isfinite(g)}
+  above = sorted(d for d, g in finite.items() if g > 0)
+  below = sorted(d for d, g in finite.items() if g < 0)
+  if finite and len(above) == len(finite):
+    return "positive on every domain: the proxy has not caught up with its reference"
+  if finite and len(below) == len(finite):
+    return "negative on every domain: the proxy's loss is below its reference's everywhere"
+  parts = []
+  if above:
+    parts.append(f"positive on {len(above)} of {len(finite)} domains ({', '.join(above)}: the "
+                 "proxy has not caught up there)")
+  if below:
+    parts.append(f"negative on {', '.join(below)} (the proxy is below its reference there)")
+  return "; ".join(parts) or "no finite values"
 
 
 def plot_moving_average(study: dict, domains, path: str, figure_cls, colors):

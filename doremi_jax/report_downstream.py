@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 from doremi_jax import curves
 
 DOREMI = curves.DOREMI
+FLOOR = 1.0  # points: below this average exact match, a model is at the floor
 
 
 def _final(history: list) -> dict:
@@ -63,6 +64,8 @@ def compute(study: dict) -> Optional[dict]:
       "tasks": tasks,
       "suite": (study.get("downstream") or {}).get("suite"),
       "final": finals,
+      "decimals": decimals(finals, len(tasks)),
+      "at_floor": all(f["average"] < FLOOR for f in finals.values()),
       "baselines": {}
   }
   if DOREMI not in finals:
@@ -98,15 +101,29 @@ def compute(study: dict) -> Optional[dict]:
   return out
 
 
-def _pct(x) -> str:
-  return f"{x:.1f}" if x is not None and math.isfinite(x) else "-"
+def one_example(finals: dict, num_tasks: int) -> Optional[float]:
+  """Points of the average exact match that one example moves: 100 / (n T) for T tasks of at
+  least n examples (None without example counts)."""
+  counts = [n for f in finals.values() for n in f.get("examples", {}).values() if n]
+  return 100 / (min(counts) * max(num_tasks, 1)) if counts else None
+
+
+def decimals(finals: dict, num_tasks: int) -> int:
+  """Decimals that keep one example visible (400 examples: 0.25 points, 2 decimals)."""
+  step = one_example(finals, num_tasks)
+  return 1 if step is None else min(3, max(1, math.ceil(-math.log10(step)) + 1))
+
+
+def pct(x, nd: int = 1, sign: str = "") -> str:
+  """Exact match in points with nd decimals ("-" when missing); sign="+" for differences."""
+  return f"{x:{sign}.{nd}f}" if x is not None and math.isfinite(x) else "-"
 
 
 def section_md(study: dict, ds: Optional[dict], plot: Optional[str] = None) -> str:
   """Markdown: the exact-match table, DoReMi against each baseline, and what the tasks are."""
   if not ds:
     return ""
-  names = list(ds["final"])
+  names, nd = list(ds["final"]), ds.get("decimals", 1)
   lines = ["## Downstream: one-shot exact match (%, higher is better, best in bold)", ""]
   description = (study.get("downstream") or {}).get("description")
   if description:
@@ -118,7 +135,7 @@ def section_md(study: dict, ds: Optional[dict], plot: Optional[str] = None) -> s
     vals = [(ds["final"][n]["average"] if task == "average" else ds["final"][n]["tasks"].get(task))
             for n in names]
     best = max((v for v in vals if v is not None), default=None)
-    cells = [f"**{_pct(v)}**" if v is not None and v == best else _pct(v) for v in vals]
+    cells = [f"**{pct(v, nd)}**" if v is not None and v == best else pct(v, nd) for v in vals]
     label = "**average**" if task == "average" else task
     examples = ds["final"][names[0]]["examples"].get(task)
     label += f" ({examples} examples)" if examples else ""
@@ -138,12 +155,9 @@ def section_md(study: dict, ds: Optional[dict], plot: Optional[str] = None) -> s
         reach = f"{b['steps_to_reach']:.0f}"
         if b["fraction_of_steps"] is not None:
           reach += f" ({b['fraction_of_steps']:.0%} of the steps)"
-      lines.append(f"| `{name}` | {b['delta_average']:+.1f} | {b['tasks_better']}/"
+      lines.append(f"| `{name}` | {pct(b['delta_average'], nd, '+')} | {b['tasks_better']}/"
                    f"{b['num_tasks']} | {reach} |")
   return "\n".join(lines)
-
-
-FLOOR = 1.0  # points: below this average exact match, a model is at the floor
 
 
 def _noise_note(ds: dict) -> str:
@@ -154,26 +168,46 @@ def _noise_note(ds: dict) -> str:
     n = min(counts)
     text = (f"One example is {100 / n:.2g} points of a task's exact match at {n} examples; "
             "at p% the binomial standard error is sqrt(p (100 - p) / n) points.")
-  if all(f["average"] < FLOOR for f in ds["final"].values()):
+  if ds.get("at_floor"):
     text += (f" **Every main model is at the floor** (average exact match under {FLOOR:g} "
              "point): at this scale these tasks do not separate the mixtures.")
   return text.strip()
 
 
-def plot_curves(study: dict, path: str) -> Optional[str]:
-  """Average exact match against steps, one line per main model."""
+def curves_figure(study: dict) -> Optional[Figure]:
+  """Average exact match against steps, one line per main model, each in its own style; the
+  axis starts at 0 (a little below, so that a line at 0 shows) and spans at least five
+  examples' worth, so that one example out of hundreds does not look like a climb; the lines
+  are dodged by under 1% of the steps, so that equal ones stay side by side."""
   mains = {n: m["downstream"] for n, m in study.get("mains", {}).items() if m.get("downstream")}
   if not mains:
     return None
+  finals = {n: h[-1] for n, h in mains.items()}
+  one = one_example(finals, max(len(f["tasks"]) for f in finals.values())) or 1.0
   fig = Figure(figsize=(6, 4))
   ax = fig.add_subplot()
-  for name, history in mains.items():
-    ax.plot([h["step"] for h in history], [h["average"] for h in history], marker="o", label=name,
-            linewidth=2.5 if name == DOREMI else 1.2)
+  top = 0.0
+  steps = [h["step"] for history in mains.values() for h in history]
+  dodge = 0.008 * (max(steps) - min(steps))  # equal curves (all at 0) side by side, not hidden
+  for j, (name, history) in enumerate(mains.items()):
+    values = [h["average"] for h in history]
+    top = max([top] + [v for v in values if math.isfinite(v)])
+    shift = (j - (len(mains) - 1) / 2) * dodge
+    ax.plot([h["step"] + shift for h in history], values, label=name, **curves.line_style(j))
+  top = max(1.1 * top, 5 * one)
+  ax.set_ylim(-0.03 * top, top)  # a line at 0 stays visible above the axis
   ax.set_xlabel("step")
   ax.set_ylabel("average exact match (%)")
-  ax.set_title("Downstream one-shot exact match")
+  ax.set_title(f"Downstream one-shot exact match (one example: {one:.2g} points)")
+  ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
+  return fig
+
+
+def plot_curves(study: dict, path: str) -> Optional[str]:
+  fig = curves_figure(study)
+  if fig is None:
+    return None
   fig.savefig(path, dpi=100)
   return path

@@ -1,6 +1,6 @@
 r"""Runs one training stage (reference, DoReMi proxy, or main) from gin.
 
-  python -m doremi_jax.train --gin_file=runs/reference.gin \
+  doremi-train --gin_file=runs/reference.gin \
       --gin.MODEL_DIR="'/tmp/ref'" --gin.TRAIN_STEPS=200
 
 The run kind comes from gin: `train.doremi = @DoReMiConfig()` (gin/runs/doremi.gin) makes

@@ -89,6 +89,23 @@ def test_unknown_gin_binding(tmp_path, no_compile):
   _fails(tmp_path / "run", ["--gin.NoSuchThing.x=3"], match="NoSuchThing", no_compile=no_compile)
 
 
+def test_unknown_macro_and_parameter_name_the_nearest(tmp_path, no_compile):
+  """gin accepts a bound macro that nothing uses: a misspelled one would silently leave the
+  default in force. Catches that, and suggestions missing or a hint that does not apply."""
+  msg = _fails(tmp_path / "run", ["--gin.TRAIN_STEP=3"],
+               match=["--gin.TRAIN_STEP=3", "macro TRAIN_STEP",
+                      "nearest macros: TRAIN_STEPS"], no_compile=no_compile)
+  assert "quotes" not in msg and len(msg.splitlines()) == 1
+  msg = _fails(tmp_path / "run", ["--gin.train.batch_sizes=3"],
+               match="nearest parameters: batch_size", no_compile=no_compile)
+  assert "quotes" not in msg
+  _fails(tmp_path / "run", ["--gin.TransformerConfg.emb_dim=3"],
+         match="nearest configurables: TransformerConfig", no_compile=no_compile)
+  _fails(tmp_path / "run", ["--gin.MIXTURE_OR_TASK_NAME=demo_natural"],
+         match="a string needs inner quotes: --gin.MIXTURE_OR_TASK_NAME=\"'demo_natural'\"",
+         no_compile=no_compile)
+
+
 def test_unknown_mixture(tmp_path, no_compile):
   _fails(tmp_path / "run", ["--gin.MIXTURE_OR_TASK_NAME='no_such_mixture'"],
          match="no_such_mixture", no_compile=no_compile)

@@ -324,6 +324,58 @@ def test_unreadable_parquet_named(tmp_path):
     _register(data_files=[good, str(bad)])
 
 
+def _mistakes(tmp_path):
+  """The README's corpus mistakes as --gin flags of custom_cpu.gin: (flags, expected text)."""
+  good = _write(tmp_path / "good.jsonl", _rows(60))
+  one = _write(tmp_path / "one.jsonl", _rows(10, ("code",)))
+  clash = _write(tmp_path / "clash.jsonl", _rows(60, ("Web-Text", "web text", "code")))
+  tiny = _write(tmp_path / "tiny.jsonl", _rows(60) + _rows(1, ("tiny",)))
+  bad = tmp_path / "bad.parquet"
+  bad.write_bytes(b"PAR1 not really parquet")
+  field = "--gin.DOMAIN_FIELD='meta.source'"
+  return [
+      ([f"--gin.DATA_FILES=['{tmp_path}/none/*.jsonl']"], "no data file matches"),
+      ([f"--gin.DATA_FILES=['{good}']",
+        "--gin.DOMAIN_FIELD='meta.src'"], "no domain key 'meta.src'"),
+      ([f"--gin.DATA_FILES=['{one}']", field], "at least two"),
+      ([f"--gin.DATA_FILES=['{clash}']", field], "both sanitize to 'web_text'"),
+      ([f"--gin.DATA_FILES=['{tiny}']", field,
+        "--gin.VAL_FRACTION=0.3"], "Domain 'tiny' has no validation document"),
+      ([f"--gin.DATA_FILES=['{bad}']", field], f"Cannot read Parquet file {bad}"),
+      ([f"--gin.DATA_FILE=['{good}']"], "no binding of these gin files uses the macro DATA_FILE; "
+       "nearest macros: DATA_FILES"),
+      ([f"--gin.DATA_FILES=['{good}']",
+        "--gin.DOMIAN_FIELD='meta.source'"], "macro DOMIAN_FIELD; nearest macros: DOMAIN_FIELD"),
+      ([], "Give DATA_FILES (file patterns"),
+  ]
+
+
+def test_each_corpus_mistake_is_one_error_line(tmp_path, caplog):
+  """Each mistake stops the pipeline's entry point before training with one `error:` line in
+  the gin file's terms (macros): no logged ERROR repeating it, no gin trailer naming the
+  function and its address. Catches errors printed twice and messages naming Python
+  arguments (data_files) where the user set macros (DATA_FILES)."""
+  from doremi_jax import pipeline  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "study"
+  for flags, expected in _mistakes(tmp_path):
+    gin.clear_config()
+    caplog.clear()
+    try:
+      with caplog.at_level(logging.INFO), pytest.raises(SystemExit) as e:
+        config_lib.run_main(
+            pipeline.pipeline,
+            ["--gin_file=gin/pipelines/custom_cpu.gin", f"--gin.PIPELINE_DIR='{out}'", *flags])
+    finally:
+      gin.clear_config()
+    message = str(e.value.code)
+    assert message.startswith("error: ") and len(message.splitlines()) == 1, message
+    assert expected in message, message
+    assert "In call to configurable" not in message and "0x" not in message, message
+    assert "quotes" not in message, message  # the hint only where it applies
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert not (out / "round1").exists()
+
+
 # -------------------------------------------------------- the one-command study
 
 
@@ -362,6 +414,11 @@ def test_one_command_bad_input_fails_before_training(tmp_path):
                    env_dir=tmp_path / "cache")
   assert proc.returncode != 0
   assert f"no data file matches '{tmp_path}/none/*.parquet'" in proc.stderr
+  # Printed once, as the one error line (not also as a logged ERROR).
+  assert [l for l in proc.stderr.splitlines() if "error" in l.lower()] == [
+      f"error: DATA_FILES: no data file matches '{tmp_path}/none/*.parquet'; expected .jsonl, "
+      ".jsonl.zst, .jsonl.gz, .parquet or .txt files."
+  ], proc.stderr
   assert not (tmp_path / "study" / "round1").exists()
 
 

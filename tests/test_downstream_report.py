@@ -67,7 +67,7 @@ def test_a_baseline_at_zero_has_no_steps_to_reach():
   assert natural["steps_to_reach"] is None and natural["delta_average"] == pytest.approx(35.0)
   assert natural["reach_status"] == "baseline_zero"
   md = report_downstream.section_md(study, report_downstream.compute(study))
-  assert "| `natural` | +35.0 | 2/2 | - (the baseline scored 0) |" in md
+  assert "| `natural` | +35.00 | 2/2 | - (the baseline scored 0) |" in md
   assert "One example is 0.5 points" in md and "at the floor" not in md
   study["mains"]["doremi"]["downstream"] = _history({1000: (0.5, 0.0)})
   md = report_downstream.section_md(study, report_downstream.compute(study))
@@ -94,9 +94,9 @@ def test_report_has_downstream_table_and_plot(tmp_path):
   with open(os.path.join(tmp_path, "report.md")) as f:
     md = f.read()
   assert "## Downstream: one-shot exact match" in md and "Two hand-made tasks." in md
-  assert "| qa (200 examples) | **30.0** | 20.0 |" in md
-  assert "| **average** | **35.0** | **35.0** |" in md
-  assert "| `natural` | +0.0 | 1/2 | 1000 (100% of the steps) |" in md
+  assert "| qa (200 examples) | **30.00** | 20.00 |" in md
+  assert "| **average** | **35.00** | **35.00** |" in md
+  assert "| `natural` | +0.00 | 1/2 | 1000 (100% of the steps) |" in md
   assert os.path.exists(os.path.join(tmp_path, "plots", "downstream_vs_steps.png"))
   with open(os.path.join(tmp_path, "summary.json")) as f:
     assert json.load(f)["downstream"]["baselines"]["natural"]["tasks_better"] == 1
@@ -140,3 +140,48 @@ def test_downstream_over_seeds_higher_is_better():
   assert "| uniform | +5.00 ± 0.82 | better | 150 ± 71 (2/3 seeds) |" in md
   md = "\n".join(aggregate._downstream_md(out["0.1"]))  # pylint: disable=protected-access
   assert "| uniform | -3.00 ± 0.50 | worse | - (not measured" in md
+
+
+def _floor_study(doremi_qa: float):
+  """One task of 400 examples; DoReMi scores doremi_qa points, natural 0."""
+  study = test_report._study({"doremi": [3.0, 2.0, 1.5], "natural": [3.0, 2.5, 2.0]})
+  for name, qa in (("doremi", doremi_qa), ("natural", 0.0)):
+    history = _history({500: (0.0,), 1000: (qa,)}, tasks=("qa",))
+    for h in history:
+      h["examples"] = {"qa": 400}
+    study["mains"][name]["downstream"] = history
+  return study
+
+
+def test_one_example_stays_visible_in_report_and_console(tmp_path):
+  # Catches rounding that changes the story: 1 of 400 correct (0.25 points) printed as 0.2
+  # in the report and as "+0.2 points" on the console.
+  from doremi_jax import pipeline  # pylint: disable=g-import-not-at-top
+  summary = report.write_report(_floor_study(0.25), str(tmp_path))
+  with open(os.path.join(tmp_path, "report.md")) as f:
+    md = f.read()
+  assert summary["downstream"]["decimals"] == 2
+  assert "| qa (400 examples) | **0.25** | 0.00 |" in md
+  assert "| `natural` | +0.25 |" in md
+  assert "One example is 0.25 points" in md
+  console = pipeline.console_summary(summary, "report.md")
+  assert "downstream exact match +0.25 points" in console
+  # Every model under a point: the flag is in the report and on the console; 3 points is not.
+  assert "Every main model is at the floor" in md
+  assert "warning: every main model is at the downstream floor" in console
+  high = report.compute_summary(_floor_study(3.0))
+  assert "floor" not in pipeline.console_summary(high, "report.md")
+
+
+def test_downstream_plot_axis_and_lines(tmp_path):
+  # Catches an axis that autoscales to 0-0.25 (one example looks like a climb) and a line
+  # hidden under an identical one.
+  study = _floor_study(0.25)
+  study["mains"]["uniform"] = dict(study["mains"]["natural"])
+  fig = report_downstream.curves_figure(study)
+  ax = fig.axes[0]
+  assert ax.get_ylim() == pytest.approx((-0.03 * 5 * 0.25, 5 * 0.25))
+  assert len({(l.get_linestyle(), l.get_marker()) for l in ax.get_lines()}) == 3
+  assert len({tuple(l.get_xdata()) for l in ax.get_lines()}) == 3  # equal curves side by side
+  assert report_downstream.plot_curves(study, str(tmp_path / "d.png"))
+  assert (tmp_path / "d.png").read_bytes().startswith(test_report.PNG_MAGIC)

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from tests import helpers
+from tests import test_console
 
 
 def _pipeline_cmd(out_dir, *bindings):
@@ -23,7 +24,8 @@ def _pipeline_cmd(out_dir, *bindings):
 
 def _run_pipeline(out_dir, *bindings):
   """Runs the demo pipeline on one CPU device; fails the test if it exits with an error."""
-  helpers.run(_pipeline_cmd(out_dir, *bindings), env=helpers.child_env(devices=1), timeout=900)
+  return helpers.run(
+      _pipeline_cmd(out_dir, *bindings), env=helpers.child_env(devices=1), timeout=900)
 
 
 def test_missing_downstream_data_stops_before_the_first_stage(tmp_path):
@@ -67,8 +69,13 @@ def test_iterated_pipeline_writes_report(tmp_path):
 
 def test_pipeline_stops_when_converged(tmp_path):
   out = str(tmp_path / "study")
-  _run_pipeline(out, "--gin.pipeline.max_rounds=3", "--gin.pipeline.convergence_tol=2.0",
-                "--gin.pipeline.baselines=['uniform']")
+  proc = _run_pipeline(out, "--gin.pipeline.max_rounds=3", "--gin.pipeline.convergence_tol=2.0",
+                       "--gin.pipeline.baselines=['uniform']")
+  # A real run prints none of the notices a user cannot act on (quiet.py), and its closing
+  # summary carries the report's flags (4 steps: every model at the downstream floor).
+  for noise in test_console.NOISE:
+    assert noise not in proc.stderr, (noise, proc.stderr[-3000:])
+  assert "warning: every main model is at the downstream floor" in proc.stdout, proc.stdout
   study = json.load(open(os.path.join(out, "study.json")))
   assert len(study["rounds"]) == 1 and study["converged"]
   assert set(study["mains"]) == {"doremi", "uniform"}

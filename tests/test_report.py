@@ -4,8 +4,10 @@ import math
 import os
 import sys
 
+from matplotlib.figure import Figure
 import pytest
 
+from doremi_jax import curves
 from doremi_jax import report
 from tests import helpers
 
@@ -149,7 +151,7 @@ def test_doremi_worse(tmp_path):
   assert "never reached natural's final average within the run" in md
   assert "DoReMi did not beat every baseline" in md
   assert "Aioli, ICLR 2025" in md and "UtiliMax, 2025" in md
-  assert "280M proxy" in md and "tiny CPU demo runs" in md
+  assert "280M proxy" in md and "1000 steps per main model (0.50% of the paper's)" in md
 
 
 def test_equal_within_tolerance(tmp_path):
@@ -228,3 +230,126 @@ def test_imports_no_jax():
   code = ("import sys; from doremi_jax import report; "
           "assert not {'jax', 'tensorflow', 'matplotlib.pyplot'} & set(sys.modules)")
   helpers.run([sys.executable, "-c", code])
+
+
+# ------------------------------------------------ sentences from numbers, flags, plots
+
+
+def _diagnostics(gap, settled=True):
+  return {
+      "settled": settled,
+      "half_drift": 0.02 if settled else 0.2,
+      "threshold": 0.0333,
+      "tail_drift": 0.01,
+      "effective_domains": 2.5,
+      "leader_changes": 0,
+      "tail_excess": {
+          d: 0.1 for d in DOMAINS
+      },
+      "tail_loss_gap": dict(zip(DOMAINS, gap))
+  }
+
+
+@pytest.mark.parametrize("gap, expected, absent", [
+    ((0.2, 0.1, 0.05), "positive on every domain: the proxy has not caught up", "negative"),
+    ((0.2, 0.1, -0.0574), "positive on 2 of 3 domains (code, docs", "every domain"),
+    ((-0.2, -0.1, -0.05), "negative on every domain", "positive"),
+])
+def test_loss_gap_sentence_follows_the_signs(tmp_path, gap, expected, absent):
+  # Catches a fixed sentence: the report said "positive on every domain" above a
+  # table with a negative row (prose -0.0574).
+  study = _study({"doremi": [3.0, 2.0, 1.5], "natural": [3.0, 2.5, 2.25]})
+  study["rounds"][-1]["diagnostics"] = _diagnostics(gap)
+  report.write_report(study, str(tmp_path))
+  md, _ = _read(tmp_path)
+  sentence = md.split("the proxy's loss minus the reference's (")[1].split(").")[0]
+  assert expected in sentence and absent not in sentence, sentence
+
+
+def _console(summary):
+  from doremi_jax import pipeline  # pylint: disable=g-import-not-at-top
+  return pipeline.console_summary(summary, "report.md")
+
+
+def test_flags_are_computed_and_reach_the_console(tmp_path):
+  # Catches a console that leaves out a flag the report raises, or a flag that does not
+  # follow the numbers (settled weights must not be called unsettled).
+  study = _study({"doremi": [3.0, 2.6, 2.4], "natural": [3.0, 2.2, 2.0]})
+  study["rounds"][-1]["diagnostics"] = _diagnostics((0.1, 0.1, 0.1), settled=False)
+  summary = report.write_report(study, str(tmp_path))
+  md, _ = _read(tmp_path)
+  flags = report.flags(summary)
+  assert any("weights not settled" in f and "0.2000 > 0.0333" in f for f in flags), flags
+  assert any("did not beat every baseline" in f and "natural" in f for f in flags), flags
+  glance = md.split("**At a glance:**")[1].split("## ")[0]
+  console = _console(summary)
+  for f in flags:
+    assert f"- {f}" in glance and f"warning: {f}" in console
+  study["rounds"][-1]["diagnostics"] = _diagnostics((0.1, 0.1, 0.1), settled=True)
+  study["mains"]["doremi"]["evals"] = _evals([3.0, 2.0, 1.5])
+  calm = report.compute_summary(study)
+  assert report.flags(calm) == [] and "warning" not in _console(calm)
+  assert "At a glance" not in report.render_markdown(study, calm, {})
+
+
+def _bar_heights(fig):
+  return [p.get_height() for p in fig.axes[0].patches]
+
+
+def test_final_plot_shows_differences_from_the_baseline():
+  # Catches absolute bars: values near 2.8 hide differences of 0.06.
+  summary = report.compute_summary(
+      _study({
+          "doremi": [3.0, 2.9, 2.74],
+          "natural": [3.0, 2.9, 2.80],
+          "uniform": [3.0, 2.9, 2.86]
+      }))
+  fig = report.final_ppl_figure(summary)
+  heights = _bar_heights(fig)
+  assert len(heights) == 2 * (len(DOMAINS) + 2)  # doremi and uniform minus natural
+  assert heights[:len(DOMAINS) + 2] == pytest.approx([-0.06] * (len(DOMAINS) + 2))
+  assert heights[len(DOMAINS) + 2:] == pytest.approx([0.06] * (len(DOMAINS) + 2))
+  assert "natural" in fig.axes[0].get_title()
+  assert report.final_ppl_figure(report.compute_summary(_study({"doremi": [3.0]},
+                                                               steps=[0]))) is None
+
+
+def test_curves_plot_draws_differences_and_keeps_every_line_visible():
+  # Catches identical styles: an identical curve drawn on top hid the one below.
+  study = _study({
+      "doremi": [3.0, 2.5, 2.25],
+      "natural": [3.0, 2.5, 2.25],
+      "uniform": [3, 2.6, 2.3]
+  })
+  fig = report.curves_figure(study)
+  left, right = fig.axes
+  styles = {(l.get_linestyle(), l.get_marker()) for l in left.get_lines()}
+  assert len(styles) == 3
+  diffs = {l.get_label(): list(l.get_ydata()) for l in right.get_lines() if l.get_label()[0] != "_"}
+  assert diffs["doremi"] == pytest.approx([0, 0, 0])
+  assert diffs["uniform"] == pytest.approx([0, 0.1, 0.05])
+  assert "natural" not in diffs  # the baseline is the zero line
+
+
+def test_over_seed_plot_has_spread_bars(tmp_path):
+  # Catches a plot without the over-seed spread: each bar carries a +-sd error bar.
+  from doremi_jax import aggregate  # pylint: disable=g-import-not-at-top
+  per_seed = {
+      f"seed{s}_eta1": {
+          "baselines": {
+              "natural": {
+                  "delta_average": d,
+                  "delta_worst": 2 * d,
+                  "steps_to_reach": None
+              }
+          }
+      } for s, d in enumerate((-0.1, -0.2, -0.3))
+  }
+  fig = aggregate.deltas_figure(aggregate.summarize(per_seed))
+  assert _bar_heights(fig) == pytest.approx([-0.2, -0.4])
+  caps = [c for c in fig.axes[0].containers if getattr(c, "errorbar", None)]
+  seg = caps[0].errorbar.lines[2][0].get_segments()[0]
+  assert abs(seg[1][1] - seg[0][1]) == pytest.approx(2 * 0.1)  # one sd either side
+  path = aggregate._write_plot(fig, str(tmp_path / "plots" / "d.png"))
+  assert open(path, "rb").read().startswith(PNG_MAGIC)
+  assert isinstance(fig, Figure) and curves.baseline_of(["doremi"]) is None

@@ -4,6 +4,7 @@ import os
 
 from doremi_jax import aggregate
 from doremi_jax import report
+from doremi_jax import report_flags
 
 DOMAINS = ["code", "prose"]
 
@@ -106,6 +107,13 @@ def test_reference_beaten_sentence_follows_the_numbers(tmp_path):
   out2 = str(tmp_path / "b")
   report.write_report(_study(beaten_from=None), out2)
   assert "on every domain from step" not in open(os.path.join(out2, "report.md")).read()
+  # The report's flag list (and so the console's closing lines) carries it too.
+  flags = report_flags.flags(report.compute_summary(_study(beaten_from=3)))
+  assert any(
+      f.startswith("online_doremi: the main model beat the reference on every domain "
+                   "from step 3") for f in flags)
+  assert not any(
+      "beat the reference" in f for f in report_flags.flags(report.compute_summary(_study())))
 
 
 def test_methods_over_seeds():

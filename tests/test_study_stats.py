@@ -1,4 +1,5 @@
 """Convergence diagnostics and the over-seeds verdict rule, on constructed numbers."""
+import io
 import math
 
 import numpy as np
@@ -111,3 +112,82 @@ def test_summarize_groups_by_eta_and_baseline():
   assert out["0.1"]["uniform"]["average"]["verdict"] == aggregate.NO_DIFFERENCE
   assert out["0.1"]["uniform"]["steps_to_reach"]["mean"] == pytest.approx(60)
   assert out["1"]["uniform"]["steps_to_reach"]["reached"] == "1/2 seeds"
+
+
+class _Terminal(io.StringIO):
+
+  def isatty(self):
+    return True
+
+
+def test_study_progress_line_and_time_left(monkeypatch):
+  """Stage i of n and the study's time left: this stage's, then each later stage at its
+  kind's measured length (a kind not measured yet: the mean of those measured; a reused
+  run: 0). Catches a line without the study's position or an estimate that ignores it."""
+  from doremi_jax import metrics  # pylint: disable=g-import-not-at-top
+  from doremi_jax import pipeline  # pylint: disable=g-import-not-at-top
+  kinds = pipeline._stage_kinds(1, 1, 1, 3)
+  assert kinds == ["reference", "proxy", "main", "main", "main", "main"]
+  assert pipeline._stage_kinds(1, 2, 1,
+                               1) == ["reference", "proxy", "main", None, "proxy", "main", "main"]
+  clock = [100.0]
+  monkeypatch.setattr(metrics.time, "time", lambda: clock[0])
+  out = _Terminal()
+  assert metrics.current_study() is None
+  with metrics.StudyProgress(["reference", "proxy", None, "main"]) as study:
+    with study.stage("reference", "reference reference"):
+      progress = metrics.Progress(100, 0, stream=out)
+      clock[0] += 20.0  # 25 steps in 20 s: the stage takes 80 s, 60 s are left
+      progress.update(25, 2.5, 1000.0)
+      # later: proxy and main not measured, each counted as the reference's 80 s; None is 0
+      assert study.left(60.0, 80.0) == 60.0 + 80.0 + 0.0 + 80.0
+      progress.close()
+    line = out.getvalue().split("\n")[0]
+    assert line.startswith("\rstage 1/4 reference reference [##--------] 25/100 loss 2.5000")
+    assert "0:01:00 left; study ~0:03:40" in line
+    with study.stage("proxy", "proxy doremi"):
+      assert study.label() == "stage 2/4 proxy doremi"
+      study.record(10.0)
+      assert study.left(5.0, 10.0) == 5.0 + 0.0 + (80.0 + 10.0) / 2
+  assert metrics.current_study() is None
+
+
+def test_over_seeds_report_plot_and_console_flags(tmp_path):
+  """The report over seeds links its difference plot; the console carries the runs' flags.
+  Catches a console that drops 'weights not settled' when several seeds ran."""
+  from doremi_jax import report  # pylint: disable=g-import-not-at-top
+  from tests import test_report  # pylint: disable=g-import-not-at-top
+  studies, per_seed = {}, {}
+  for seed, settled in ((0, True), (1, False)):
+    study = test_report._study({"doremi": [3.0, 2.0, 1.5 + 0.1 * seed], "natural": [3.0, 2.5, 2.0]})
+    study["rounds"][-1]["diagnostics"] = test_report._diagnostics((0.1, 0.1, 0.1), settled)
+    studies[(seed, 1.0)] = study
+    per_seed[f"seed{seed}_eta1"] = report.compute_summary(study)
+  summary = aggregate.write(studies, per_seed, str(tmp_path))
+  md = (tmp_path / "report.md").read_text()
+  assert f"]({aggregate.PLOT})" in md
+  assert (tmp_path / aggregate.PLOT).read_bytes().startswith(test_report.PNG_MAGIC)
+  console = aggregate.console(summary, "report.md")
+  assert "warning: weights not settled in 1 of 2 runs: seed1_eta1" in console
+
+
+def test_a_log_line_starts_below_the_progress_line():
+  # Catches a log record written onto the end of the progress line ("0:13:172026-12-04 ...").
+  import logging  # pylint: disable=g-import-not-at-top
+  from doremi_jax import metrics  # pylint: disable=g-import-not-at-top
+  out = _Terminal()
+  handler = logging.StreamHandler(out)
+  root = logging.getLogger()
+  root.addHandler(handler)
+  try:
+    progress = metrics.Progress(10, 0, stream=out)
+    progress.update(5, 1.0, 10.0)
+    root.warning("evaluated")
+    progress.update(6, 1.0, 10.0)
+    progress.close()
+    root.warning("after")
+  finally:
+    root.removeHandler(handler)
+  text = out.getvalue()
+  assert "left\nevaluated\n\r[" in text.replace(" \n", "\n"), repr(text)
+  assert text.endswith("left\nafter\n"), repr(text)
