@@ -285,7 +285,8 @@ def _describe(trainer, batch: int, seq_len: int) -> str:
   if trainer.is_doremi:
     text += f", reference {trainer.ref_model_cfg.num_params() / 1e6:.1f}M params"
   return (text + f", batch {batch} x {seq_len} tokens, accum_steps "
-          f"{trainer.step_cfg.accum_steps}, compute {cfg.dtype}")
+          f"{trainer.step_cfg.accum_steps}, compute {cfg.dtype}, attention {cfg.attention_impl}, "
+          f"remat {cfg.remat}, logits_chunk {cfg.logits_chunk}")
 
 
 def check_config(cfg, *, topology: str, which: str = "train", num_domains: Optional[int] = None,
