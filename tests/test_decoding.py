@@ -194,8 +194,7 @@ def test_each_attention_impl_decodes_like_the_reference(impl):
   from the training forward's."""
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
   ref_cfg = dataclasses.replace(CFG, max_len=128)
-  make = lambda cfg: decoding.Decoder(cfg, mesh, batch_size=4, max_prompt_len=121,
-                                      max_decode_len=D)
+  make = lambda cfg: decoding.Decoder(cfg, mesh, batch_size=4, max_prompt_len=121, max_decode_len=D)
   prompts = _prompts([1, 30, 77, 121], seed=4)
   want = make(ref_cfg).decode(_params(), prompts)
   dec = make(dataclasses.replace(ref_cfg, attention_impl=impl))
