@@ -88,7 +88,7 @@ def test_hardware_gin_files_parse_and_match_their_topology():
     try:
       topology = gin.query_parameter("TOPOLOGY/macro.value")
     except ValueError:
-      assert os.path.basename(path).startswith("cpu"), f"{path} sets no TOPOLOGY"
+      assert os.path.basename(path).startswith(("cpu", "gpu")), f"{path} sets no TOPOLOGY"
       continue
     devices, _ = cc.topology_devices(topology)
     mesh = sharding.make_mesh(shape, devices=devices)
