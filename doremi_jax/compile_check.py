@@ -330,10 +330,10 @@ def _reference_config(reference_dir: Optional[str], model_cfg) -> tuple[Any, str
   if reference_dir:
     try:
       from doremi_jax import outputs  # pylint: disable=g-import-not-at-top
-      from doremi_jax.model import TransformerConfig  # pylint: disable=g-import-not-at-top
+      from doremi_jax.model import config_from_info  # pylint: disable=g-import-not-at-top
       info = outputs.read_run_info(reference_dir)
       if info:
-        return TransformerConfig(**info["model"]), ""
+        return config_from_info(info["model"]), ""
     except Exception:  # pylint: disable=broad-except
       pass
   return model_cfg, "; reference assumed the size of the proxy"

@@ -75,6 +75,18 @@ class TransformerConfig:
     return 6.0 * n + 6.0 * attn
 
 
+# How the model is computed on the hardware at hand, not what it is: a run may resume, or be
+# the reference or evaluated, on another accelerator with another kernel. Configs rebuilt
+# from a saved run's info (config_from_info) take these from the current gin bindings.
+PLATFORM_FIELDS = ("attention_impl",)
+
+
+def config_from_info(model_info: dict) -> TransformerConfig:
+  """A saved run's model ("model" in its run_info.json), with PLATFORM_FIELDS left to gin or
+  their defaults (older run infos may lack them)."""
+  return TransformerConfig(**{k: v for k, v in model_info.items() if k not in PLATFORM_FIELDS})
+
+
 def _dense_init():
   # DenseGeneral hands the initializer a kernel flattened to 2D [fan_in, fan_out].
   return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")

@@ -1,15 +1,20 @@
 """Each attention implementation that runs on CPU equals the einsum reference."""
 import dataclasses
 import functools
+import os
 
 import flax.linen as nn
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from doremi_jax import attention
+from doremi_jax import checkpoint as ckpt_lib
 from doremi_jax import losses
+from doremi_jax import model as model_lib
+from doremi_jax import outputs
 from doremi_jax import sharding
 from doremi_jax import trainer as trainer_lib
 from doremi_jax.model import Transformer, TransformerConfig
@@ -132,3 +137,28 @@ def test_splash_sharded_over_batch_and_heads_equals_the_reference_on_one_device(
   np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
   for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad)):
     np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-5)
+
+
+def test_the_kernel_is_not_part_of_a_runs_identity(tmp_path):
+  """A run saved with one kernel resumes, or serves as reference, with another (a TPU run
+  resumed on GPUs), and a run info from before attention_impl existed still matches; a
+  config rebuilt from a run info takes the kernel from the current gin bindings. Catches
+  the kernel becoming part of the model checked on resume."""
+  saved = dataclasses.asdict(TransformerConfig(attention_impl="splash"))
+  info_path = os.path.join(tmp_path, outputs.RUN_INFO)
+  outputs.write_json(info_path, {"kind": "reference", "model": saved})
+  now = {"kind": "reference", "model": dataclasses.asdict(TransformerConfig())}
+  ckpt_lib.check_run_info(str(tmp_path), now)
+  older = {k: v for k, v in saved.items() if k != "attention_impl"}
+  outputs.write_json(info_path, {"kind": "reference", "model": older})
+  ckpt_lib.check_run_info(str(tmp_path), now)
+  other = {"kind": "reference", "model": dataclasses.asdict(TransformerConfig(emb_dim=128))}
+  with pytest.raises(ValueError, match="holds a checkpoint of a different model"):
+    ckpt_lib.check_run_info(str(tmp_path), other)
+  assert model_lib.config_from_info(saved).attention_impl == "einsum"  # the default
+  gin.clear_config()
+  try:
+    gin.bind_parameter("TransformerConfig.attention_impl", "xla")
+    assert model_lib.config_from_info(saved) == TransformerConfig(attention_impl="xla")
+  finally:
+    gin.clear_config()
