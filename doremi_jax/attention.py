@@ -79,6 +79,9 @@ def _platform() -> str:
 def _fused(q, k, v, segment_ids_BxL, dtype, *, implementation: str):
   del dtype  # the kernels compute in the inputs' dtype, softmax in float32
   if implementation == "cudnn":
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+      raise ValueError(f"attention_impl='cudnn' computes in bfloat16 or float16, not {q.dtype}: "
+                       "set TransformerConfig.dtype = 'bfloat16' or use attention_impl='xla'.")
     if _platform() != "gpu":
       raise ValueError(f"attention_impl='cudnn' needs a GPU; JAX is compiling for "
                        f"{_platform()!r}. Use attention_impl='xla' (or 'splash' on TPU).")

@@ -85,10 +85,13 @@ def test_causal_and_within_segment(impl):
       np.asarray(_attend(impl)(q, k3, v, seg))[0, 50:], base[0, 50:], rtol=1e-5, atol=1e-5)
 
 
-def test_cudnn_refuses_a_cpu():
+def test_cudnn_refuses_float32_and_a_cpu():
   q, k, v = _qkv()
-  with pytest.raises(ValueError, match="attention_impl='cudnn' needs a GPU"):
+  with pytest.raises(ValueError, match="'cudnn' computes in bfloat16 or float16, not float32"):
     attention.self_attention(q, k, v, _segments(), impl="cudnn", dtype=jnp.float32)
+  q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+  with pytest.raises(ValueError, match="attention_impl='cudnn' needs a GPU"):
+    attention.self_attention(q, k, v, _segments(), impl="cudnn", dtype=jnp.bfloat16)
 
 
 def test_unknown_impl_is_a_config_error():
