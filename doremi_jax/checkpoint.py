@@ -23,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from doremi_jax import outputs
+from doremi_jax.model import PLATFORM_FIELDS
 
 
 def checkpoint_dir(model_dir: str) -> str:
@@ -43,6 +44,14 @@ RESUME_KEYS = ("kind", "model", "vocabulary", "domains", "sequence_length", "bat
                "random_seed")
 
 
+def _identity(key: str, value):
+  """What must match on resume: the model less its platform settings (model.PLATFORM_FIELDS:
+  the attention kernel may change with the accelerator)."""
+  if key == "model" and isinstance(value, dict):
+    return {k: v for k, v in value.items() if k not in PLATFORM_FIELDS}
+  return value
+
+
 def check_run_info(model_dir: str, info: dict, *, keys=RESUME_KEYS):
   """Errors if MODEL_DIR holds a checkpoint of a different run; nothing is overwritten.
 
@@ -53,7 +62,7 @@ def check_run_info(model_dir: str, info: dict, *, keys=RESUME_KEYS):
   if old is None:
     return
   for key in keys:
-    if key in old and old[key] != info.get(key):
+    if key in old and _identity(key, old[key]) != _identity(key, info.get(key)):
       raise ValueError(f"MODEL_DIR={model_dir} holds a checkpoint of a different {key}:\n"
                        f"  saved:     {old[key]}\n  requested: {info.get(key)}\n"
                        f"Use a new MODEL_DIR, or the original settings to resume.")

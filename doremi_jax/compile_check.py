@@ -285,7 +285,8 @@ def _describe(trainer, batch: int, seq_len: int) -> str:
   if trainer.is_doremi:
     text += f", reference {trainer.ref_model_cfg.num_params() / 1e6:.1f}M params"
   return (text + f", batch {batch} x {seq_len} tokens, accum_steps "
-          f"{trainer.step_cfg.accum_steps}, compute {cfg.dtype}")
+          f"{trainer.step_cfg.accum_steps}, compute {cfg.dtype}, attention {cfg.attention_impl}, "
+          f"remat {cfg.remat}, logits_chunk {cfg.logits_chunk}")
 
 
 def check_config(cfg, *, topology: str, which: str = "train", num_domains: Optional[int] = None,
@@ -329,10 +330,10 @@ def _reference_config(reference_dir: Optional[str], model_cfg) -> tuple[Any, str
   if reference_dir:
     try:
       from doremi_jax import outputs  # pylint: disable=g-import-not-at-top
-      from doremi_jax.model import TransformerConfig  # pylint: disable=g-import-not-at-top
+      from doremi_jax.model import config_from_info  # pylint: disable=g-import-not-at-top
       info = outputs.read_run_info(reference_dir)
       if info:
-        return TransformerConfig(**info["model"]), ""
+        return config_from_info(info["model"]), ""
     except Exception:  # pylint: disable=broad-except
       pass
   return model_cfg, "; reference assumed the size of the proxy"

@@ -37,7 +37,7 @@ from doremi_jax import downstream_eval
 from doremi_jax import evaluation
 from doremi_jax import outputs
 from doremi_jax import run as run_lib
-from doremi_jax.model import TransformerConfig
+from doremi_jax.model import config_from_info
 
 
 @gin.configurable
@@ -64,7 +64,7 @@ def evaluate(model_dir: str = gin.REQUIRED, *, batch_size: int = 16,
     raise ValueError(f"mixture {mixture!r} has domains {domains}, the run {info['domains']}.")
   cfg = run_lib.RunConfig(model_dir=model_dir, mixture_or_task_name=mixture, seq_len=seq_len,
                           train_steps=1, batch_size=batch_size, mesh_shape=mesh_shape,
-                          model=TransformerConfig(**info["model"]))
+                          model=config_from_info(info["model"]))
   if not perplexity and downstream is None:
     raise ValueError("evaluate.perplexity=False and no evaluate.downstream: nothing to "
                      "evaluate; bind evaluate.downstream = @DownstreamConfig() "

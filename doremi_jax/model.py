@@ -14,6 +14,9 @@ import gin
 import jax
 import jax.numpy as jnp
 
+from doremi_jax import attention
+from doremi_jax.attention import attention_mask
+
 Dtype = Any
 
 
@@ -34,8 +37,16 @@ class TransformerConfig:
   # Compute the output logits and loss this many positions at a time (0: all at once).
   # With a large vocabulary the [B, L, V] logits dominate memory; chunks are rematerialized.
   logits_chunk: int = 0
+  # Self-attention kernel (doremi_jax/attention.py): "einsum" (the reference), "xla" or
+  # "cudnn" (jax.nn.dot_product_attention), "splash" (Pallas TPU kernel).
+  attention_impl: str = "einsum"
   rope_theta: float = 10_000.0
   norm_eps: float = 1e-6
+
+  def __post_init__(self):
+    if self.attention_impl not in attention.IMPLEMENTATIONS:
+      raise ValueError(f"attention_impl={self.attention_impl!r}: use one of "
+                       f"{', '.join(attention.IMPLEMENTATIONS)}.")
 
   @property
   def padded_vocab_size(self) -> int:
@@ -62,6 +73,18 @@ class TransformerConfig:
     n = self.num_params() - emb + (emb if self.tie_embeddings else 0)
     attn = 2 * self.num_layers * seq_len * self.num_heads * self.head_dim
     return 6.0 * n + 6.0 * attn
+
+
+# How the model is computed on the hardware at hand, not what it is: a run may resume, or be
+# the reference or evaluated, on another accelerator with another kernel. Configs rebuilt
+# from a saved run's info (config_from_info) take these from the current gin bindings.
+PLATFORM_FIELDS = ("attention_impl",)
+
+
+def config_from_info(model_info: dict) -> TransformerConfig:
+  """A saved run's model ("model" in its run_info.json), with PLATFORM_FIELDS left to gin or
+  their defaults (older run infos may lack them)."""
+  return TransformerConfig(**{k: v for k, v in model_info.items() if k not in PLATFORM_FIELDS})
 
 
 def _dense_init():
@@ -91,28 +114,6 @@ def rotary(x_BxLxHxK, positions_BxL, theta: float):
   x1, x2 = jnp.split(x_BxLxHxK.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BxLxHxK.dtype)
-
-
-def attention_mask(segment_ids_BxL):
-  """Causal mask that never crosses packed examples; padding (segment 0) sees nothing."""
-  length = segment_ids_BxL.shape[1]
-  causal = jnp.tril(jnp.ones((length, length), dtype=jnp.bool_))
-  same = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
-  valid = (segment_ids_BxL != 0)[:, :, None]
-  return causal[None] & same & valid  # B, Lq, Lk
-
-
-def dot_product_attention(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxQxS, dtype: Dtype):
-  """Masked softmax attention [B, Q, H, K]; a query with no visible key gets zeros."""
-  head_dim = q_BxQxHxK.shape[-1]
-  logits = jnp.einsum("bqhk,bshk->bhqs", q_BxQxHxK, k_BxSxHxK).astype(jnp.float32)
-  logits = logits / jnp.sqrt(head_dim)
-  mask = mask_BxQxS[:, None]
-  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1)
-  # Rows with no visible key (padding) would be uniform; zero them so they carry nothing.
-  probs = jnp.where(mask, probs, 0.0).astype(dtype)
-  return jnp.einsum("bhqs,bshk->bqhk", probs, v_BxSxHxK)
 
 
 class KVCache(nn.Module):
@@ -188,9 +189,9 @@ class Attention(nn.Module):
     v = nn.with_logical_constraint(v, ("batch", "length", "heads", "kv"))
     if decode:
       k, v, mask = KVCache(name="kv_cache")(k, v, segment_ids_BxL)
+      out = attention.cached_attention(q, k, v, mask, impl=cfg.attention_impl, dtype=dt)
     else:
-      mask = attention_mask(segment_ids_BxL)
-    out = dot_product_attention(q, k, v, mask, dt)
+      out = attention.self_attention(q, k, v, segment_ids_BxL, impl=cfg.attention_impl, dtype=dt)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
     w_out = self.param(
         "out",

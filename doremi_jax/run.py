@@ -23,7 +23,7 @@ from doremi_jax import schedule as schedule_lib
 from doremi_jax import sharding as sharding_lib
 from doremi_jax import steps as steps_lib
 from doremi_jax import trainer as trainer_lib
-from doremi_jax.model import TransformerConfig
+from doremi_jax.model import TransformerConfig, config_from_info
 
 DEFAULT_MESH_SHAPE = (1, -1, 1)  # data, fsdp, model: pure FSDP over every device
 
@@ -218,7 +218,7 @@ def reference_model(reference_dir: str, info: Optional[dict]) -> TransformerConf
       raise ValueError(f"The reference in {reference_dir} was trained with another {what}:\n"
                        f"  reference: {ref[key]}\n  this run:  {info[key]}\n"
                        f"Train a reference on this mixture's domain set and vocabulary.")
-  return TransformerConfig(**ref["model"])
+  return config_from_info(ref["model"])
 
 
 def _check_eval_batch(cfg: RunConfig, mesh, num_processes: int) -> None:

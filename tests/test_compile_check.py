@@ -88,7 +88,7 @@ def test_hardware_gin_files_parse_and_match_their_topology():
     try:
       topology = gin.query_parameter("TOPOLOGY/macro.value")
     except ValueError:
-      assert os.path.basename(path).startswith("cpu"), f"{path} sets no TOPOLOGY"
+      assert os.path.basename(path).startswith(("cpu", "gpu")), f"{path} sets no TOPOLOGY"
       continue
     devices, _ = cc.topology_devices(topology)
     mesh = sharding.make_mesh(shape, devices=devices)
@@ -211,3 +211,24 @@ def test_downstream_decoding_compiles_for_a_topology(capsys):
 def test_decode_step_needs_a_downstream_binding(capsys):
   rc, _, err = _main(DECODE, capsys)
   assert rc == 2 and "bind train.downstream = @DownstreamConfig()" in err
+
+
+def test_splash_attention_compiles_for_a_v5e_topology(capsys):
+  """attention_impl='splash' compiles for TPU chips on this CPU host, as the Mosaic kernel:
+  catches the kernel choosing its CPU (interpret) form or the einsum fallback because it
+  looked at this host's backend instead of the mesh it is traced for."""
+  import jax
+  from doremi_jax import run as run_lib
+  from doremi_jax import trainer as trainer_lib
+  from doremi_jax.model import TransformerConfig
+  splash = ["--gin.TransformerConfig.attention_impl='splash'"]
+  rc, out, err = _main(TINY + ["--topology=v5e:2x2"] + splash, capsys)
+  assert rc == 0, err
+  assert "attention splash" in out and out.rstrip().endswith("FITS")
+  cfg = run_lib.RunConfig(model_dir=None, mixture_or_task_name=None, seq_len=128, train_steps=10,
+                          batch_size=16, model=TransformerConfig(attention_impl="splash"))
+  devices, _ = cc.topology_devices("v5e:2x2")
+  tr = run_lib.build_run(cfg, devices=devices, abstract=True, num_domains=7).trainer
+  assert "tpu_custom_call" in tr.step_fn.lower(*trainer_lib.abstract_step_args(tr)).as_text()
+  cpu = run_lib.build_run(cfg, devices=jax.devices()[:1], abstract=True, num_domains=7).trainer
+  assert "tpu_custom_call" not in cpu.step_fn.lower(*trainer_lib.abstract_step_args(cpu)).as_text()

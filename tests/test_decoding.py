@@ -183,3 +183,20 @@ def test_training_forward_unchanged_and_cache_layout():
   prefill, _ = model.apply(params | {"cache": cache}, *args, decode=True, mutable=["cache"])
   real = batch["segment_ids"] != 0
   np.testing.assert_allclose(np.asarray(prefill)[real], train[real], atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["xla", "splash"])
+def test_each_attention_impl_decodes_like_the_reference(impl):
+  """Cached and uncached decoding with each CPU-runnable attention implementation equal the
+  einsum decoder's (itself pinned to a plain argmax loop above). "xla" runs its own path in
+  the cached step too; splash's uncached forward over P + D - 1 = 128 slots runs the kernel
+  (its cached step is the einsum reference). Catches a cache mask or a kernel that drifts
+  from the training forward's."""
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  ref_cfg = dataclasses.replace(CFG, max_len=128)
+  make = lambda cfg: decoding.Decoder(cfg, mesh, batch_size=4, max_prompt_len=121, max_decode_len=D)
+  prompts = _prompts([1, 30, 77, 121], seed=4)
+  want = make(ref_cfg).decode(_params(), prompts)
+  dec = make(dataclasses.replace(ref_cfg, attention_impl=impl))
+  np.testing.assert_array_equal(dec.decode(_params(), prompts), want)
+  np.testing.assert_array_equal(dec.decode(_params(), prompts, use_cache=False), want)

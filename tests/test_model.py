@@ -263,13 +263,24 @@ def _reference_forward(params, tokens, segments, positions, cfg):
   return (x @ p["embedding"].T / np.sqrt(cfg.emb_dim))[:, :cfg.vocab_size]
 
 
-def test_forward_equals_a_numpy_reference():
-  """Pins the training forward (decode=False) to the model's definition, so a change to the
-  attention or the blocks (such as the decoding path sharing them) cannot go unnoticed."""
-  batch = _row([5, 7, 4])  # three packed examples, then padding
+# Per attention implementation: (sequence length, tolerance against the float64 reference).
+# Splash's length is its block size, so its kernel runs (Pallas interpret mode on CPU);
+# all compute in float32, so all share the einsum path's tolerance.
+FORWARD_IMPLS = {"einsum": (L, 2e-4), "xla": (L, 2e-4), "splash": (128, 2e-4)}
+
+
+@pytest.mark.parametrize("impl", sorted(FORWARD_IMPLS))
+def test_forward_equals_a_numpy_reference(impl):
+  """Pins the training forward (decode=False) to the model's definition, for each attention
+  implementation that runs on CPU, so a change to the attention or the blocks (such as the
+  decoding path sharing them) cannot go unnoticed."""
+  length, tol = FORWARD_IMPLS[impl]
+  scale = length // L
+  batch = helpers.packed_row([5 * scale, 7 * scale, 4 * scale], length, vocab=CFG.vocab_size)
   params = _params()
-  logits = np.asarray(_logits(batch, params=params))[0, :, :CFG.vocab_size]
+  cfg = dataclasses.replace(CFG, attention_impl=impl)
+  logits = np.asarray(_logits(batch, cfg=cfg, params=params))[0, :, :CFG.vocab_size]
   expected = _reference_forward(params, batch["inputs"][0], batch["segment_ids"][0],
                                 batch["positions"][0].astype(np.float64), CFG)
   real = batch["segment_ids"][0] != 0
-  np.testing.assert_allclose(logits[real], expected[real], rtol=2e-4, atol=2e-4)
+  np.testing.assert_allclose(logits[real], expected[real], rtol=tol, atol=tol)
