@@ -413,7 +413,8 @@ class OnlineWeights:
 
   def set(self, step: int, weights_K) -> None:
     w = np.asarray(weights_K, np.float64)
-    if w.shape != (self.num_domains,) or not np.all(np.isfinite(w)) or w.min() < 0:
+    if (w.shape != (self.num_domains,) or not np.all(np.isfinite(w)) or w.min() < 0 or
+        w.sum() <= 0):
       raise ValueError(f"online weights for step {step} are not {self.num_domains} finite "
                        f"non-negative numbers: {w}")
     self._by_step[int(step)] = w / w.sum()

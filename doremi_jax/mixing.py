@@ -40,7 +40,8 @@ class OnlineConfig:
     domains) or "odm" (no reference).
   eta, smoothing: online DoReMi's step size and c (the paper's 1.0 and 1e-3).
   reward_smoothing: ODM's moving-average factor a of the reward, in [0, 1).
-  exploration: ODM's floor eps; None: the decaying eps_t above; else a constant in (0, 1/K].
+  exploration: ODM's floor eps; None: the decaying eps_t above; else a constant in (0, 1/K)
+    (1/K would make the policy uniform for ever).
   learning_rate: ODM's softmax scale; None: eps_{t-1} as in ODM; else a constant > 0.
   """
   method: str = "doremi"
@@ -64,9 +65,9 @@ class OnlineConfig:
                        f"for ODM's eps_(t-1).")
     if self.exploration is not None:
       top = 1.0 / num_domains if num_domains else 1.0
-      if not 0.0 < self.exploration <= top:
+      if not 0.0 < self.exploration < top:
         raise ValueError(f"OnlineMixing.exploration={self.exploration}: the floor must be in "
-                         f"(0, 1/K] = (0, {top:.4g}], or None for ODM's decaying schedule.")
+                         f"(0, 1/K) = (0, {top:.4g}), or None for ODM's decaying schedule.")
 
   @property
   def needs_reference(self) -> bool:

@@ -4,8 +4,10 @@
   (data.OnlineWeights), and on resume restores the two weights in flight from the state;
 - writes the weights in force at every step to MODEL_DIR/sampling_weights.jsonl
   ({"step": n, "weights": {domain: w}} for the n-th step, as metrics.jsonl counts steps);
-- online DoReMi: flags a reference that the main model beats on every domain (all excess
-  clipped to 0: the weights stop moving), logs it once, and records it in online.json.
+- online DoReMi: flags a reference that the main model beats on every domain (its mean loss
+  below the reference's on each domain of the batch: from then the clipped excess is only the
+  positive half of per-token differences, not a lag behind the reference), logs it once a
+  streak, and records it in online.json.
 """
 import logging
 import os
@@ -17,8 +19,8 @@ import numpy as np
 from doremi_jax import mixing
 from doremi_jax import outputs
 
-# Steps in a row with every present domain's excess clipped to 0 before the run says the
-# reference is beaten (and its weights frozen); also at least this share of the run.
+# Steps in a row with the main model below the reference on every domain of the batch before
+# the run says the reference is beaten (online.json: also at least this share of the run).
 BEATEN_MIN_STEPS = 10
 BEATEN_MIN_FRACTION = 0.05
 
@@ -49,18 +51,17 @@ class MixingLog:
     """Feeds the input and logs the step-th step's weights; returns them as {domain: w}."""
     if self.online is not None:
       self.batches.schedule.set(step + 1, m["next_sampling_weights"])
-      weights = np.asarray(m["sampling_weights"], np.float64)
-    else:
-      weights = self.batches.weights_at(step - 1)
+    weights = self.batches.weights_at(step - 1)  # exactly what the sampler drew with
     row = {"step": int(step), "weights": dict(zip(self.domains, map(float, weights)))}
-    if "excess_all_zero" in m:
+    if "reference_beaten" in m:
       row["excess_all_zero"] = bool(m["excess_all_zero"])
-      self._streak = self._streak + 1 if row["excess_all_zero"] else 0
+      row["reference_beaten"] = bool(m["reference_beaten"])
+      self._streak = self._streak + 1 if row["reference_beaten"] else 0
       if self._streak == BEATEN_MIN_STEPS:  # once per streak
         logging.warning(
-            "online DoReMi: the main model's loss is below the reference's on every domain "
-            "since step %d (all excess clipped to 0), so the weights no longer move; online "
-            "DoReMi needs a reference at least as strong as the main model.",
+            "online DoReMi: the main model's mean loss is below the reference's on every "
+            "domain since step %d, so the clipped excess no longer measures a lag behind the "
+            "reference; online DoReMi needs a reference at least as strong as the main model.",
             step - BEATEN_MIN_STEPS + 1)
     self._buffer.append(row)
     return row["weights"]
@@ -91,6 +92,8 @@ class MixingLog:
             dict(zip(self.domains, map(float, w.mean(0)))) if w is not None else None,
         "reference_beaten_from_step":
             since,
+        "steps_with_reference_beaten":
+            sum(1 for r in rows if r.get("reference_beaten")),
         "steps_with_all_excess_zero":
             sum(1 for r in rows if r.get("excess_all_zero")),
         "lag_steps":
@@ -101,10 +104,11 @@ class MixingLog:
 
 
 def beaten_since(rows, *, min_steps: int) -> Optional[int]:
-  """The first step of the trailing run of all-clipped steps, if it is min_steps long."""
+  """The first step of the trailing run of steps with the reference beaten on every domain,
+  if it is min_steps long."""
   n = 0
   for r in reversed(rows):
-    if not r.get("excess_all_zero"):
+    if not r.get("reference_beaten"):
       break
     n += 1
   return int(rows[-n]["step"]) if n >= min_steps and n > 0 else None

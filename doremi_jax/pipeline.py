@@ -47,11 +47,11 @@ from doremi_jax import report as report_lib
 from doremi_jax import report_methods
 from doremi_jax import schedule as schedule_lib
 from doremi_jax import train as train_lib
-from doremi_jax.model import TransformerConfig
+from doremi_jax.model import config_from_info
 
 BASELINES = ("natural", "uniform", "unimax")
 # Mixture methods beside offline DoReMi, each one main run at the baselines' compute.
-METHODS = ("doremi", "online_doremi", "odm", "schedule")
+METHODS = ("doremi", "online_doremi", "online_doremi_reweight", "odm", "schedule")
 
 
 def _scoped_train(scope: str, model_dir: str, mixture: str, **overrides) -> dict:
@@ -375,17 +375,20 @@ def _method_runs(methods, run_main, seed_dir: str, *, natural: dict, doremi_w: d
   """The main runs of the methods whose weights change during the run: {method: result}.
 
   "online_doremi": the main model's excess over round 1's reference, from uniform weights
-  (`main/OnlineMixing.*` settings); "odm": EXP3 on the training loss, from uniform;
+  (`main/OnlineMixing.*` settings), resampling its batches; "online_doremi_reweight": the
+  paper's objective on the main model instead (a DoReMi proxy step: stratified batches, the
+  loss reweighted, the same eta and c); "odm": EXP3 on the training loss, from uniform;
   "schedule": natural weights, then offline DoReMi's from switch_fraction of the steps.
   """
   uniform = {d: 1.0 for d in natural}
   reference_dir = os.path.join(seed_dir, "round1", "reference")
+  online = _online_config("doremi")
   plan = {}
   if "online_doremi" in methods:
-    plan["online_doremi"] = (uniform, {
-        "online": _online_config("doremi"),
-        "reference_dir": reference_dir
-    })
+    plan["online_doremi"] = (uniform, {"online": online, "reference_dir": reference_dir})
+  if "online_doremi_reweight" in methods:
+    proxy = train_lib.DoReMiConfig(eta=online.eta, smoothing=online.smoothing)
+    plan["online_doremi_reweight"] = (uniform, {"doremi": proxy, "reference_dir": reference_dir})
   if "odm" in methods:
     plan["odm"] = (uniform, {"online": _online_config("odm")})
   if "schedule" in methods:
@@ -397,12 +400,15 @@ def _method_runs(methods, run_main, seed_dir: str, *, natural: dict, doremi_w: d
   }, overrides={
       k: o for k, (_, o) in plan.items()
   })
-  if "online_doremi" in results:
-    results["online_doremi"]["cost"] = _reference_forward_cost(
-        os.path.join(seed_dir, "main", "online_doremi"), reference_dir)
+  for name in ("online_doremi", "online_doremi_reweight"):
+    if name in results:
+      results[name]["cost"] = _reference_forward_cost(
+          os.path.join(seed_dir, "main", name), reference_dir)
+      results[name]["setting"] = f"eta {online.eta:g}, c {online.smoothing:g}"
   if f"schedule{tag}" in results:
     results["schedule"] = results.pop(f"schedule{tag}")
-    results["schedule"]["setting"] = f"switch at step {switch} of {steps}"
+    results["schedule"]["setting"] = (f"natural for steps 1-{switch}, DoReMi's weights from step "
+                                      f"{switch + 1} of {steps}")
   return results
 
 
@@ -412,7 +418,7 @@ def _reference_forward_cost(main_dir: str, reference_dir: str) -> Optional[dict]
   infos = [outputs.read_run_info(d) for d in (main_dir, reference_dir)]
   if None in infos:
     return None
-  main, ref = (TransformerConfig(**i["model"]) for i in infos)
+  main, ref = (config_from_info(i["model"]) for i in infos)
   length = infos[0]["sequence_length"]
   fraction = ref.flops_per_token(length) / 3 / main.flops_per_token(length)
   return {
@@ -423,8 +429,15 @@ def _reference_forward_cost(main_dir: str, reference_dir: str) -> Optional[dict]
 
 
 def _changing_weights(main_dir: str) -> dict:
-  """The weights in force at each step, their mean, and online.json if any."""
+  """The weights in force at each step (a DoReMi-run's loss weights), their mean, and
+  online.json if any."""
   rows = mixing_log.read(main_dir)
+  if not rows:  # online_doremi_reweight: a DoReMi step on the main model
+    domains = outputs.read_run_info(main_dir)["domains"]
+    rows = [{
+        "step": r["step"],
+        "weights": dict(zip(domains, r["domain_weights"]))
+    } for r in metrics_lib.read_trajectory(main_dir)]
   out = {"trajectory": rows, "weights": report_methods.mean_weights(rows)}
   online = os.path.join(main_dir, outputs.ONLINE)
   if outputs.exists(online):

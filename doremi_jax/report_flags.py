@@ -26,9 +26,9 @@ def flags(s):
   for name, m in methods.items():
     since = (m.get("online") or {}).get("reference_beaten_from_step")
     if since is not None:
-      out.append(
-          f"{name}: the main model beat the reference on every domain from step {since} "
-          f"on, so its weights stopped moving there (a reference weaker than the main model)")
+      out.append(f"{name}: the main model's loss was below the reference's on every domain "
+                 f"from step {since} on, so its excess no longer measured a lag behind the "
+                 f"reference (a reference weaker than the main model)")
   if s["baselines"] and not s["better_than_all_baselines"]:
     out.append("DoReMi did not beat every baseline on both average and worst case: " +
                ", ".join(n for n, _ in flagged_baselines(s)))

@@ -13,6 +13,9 @@ OFFLINE = "doremi (offline)"  # offline DoReMi's main run, as a baseline of the 
 DESCRIPTIONS = {
     "online_doremi": ("online DoReMi: the main model's own clipped excess over the round-1 "
                       "reference updates its sampling weights each step (resampling)"),
+    "online_doremi_reweight": ("online DoReMi, reweighting (the paper's objective on the main "
+                               "model): stratified batches, the loss reweighted each step by "
+                               "weights its own excess over the round-1 reference updates"),
     "odm": "ODM: an EXP3 bandit over domains with the training loss as reward, no reference",
     "schedule": "a schedule: natural weights, then offline DoReMi's weights",
 }
@@ -59,18 +62,18 @@ def _flags(m: Mapping) -> list[str]:
                f"{cost['reference_forward_fraction']:.1%} of a main step's FLOPs (reference "
                f"{cost['reference_params']:,} parameters, main model {cost['main_params']:,}).")
   if since is not None:
-    out.append(f"The main model's loss was below the reference's on every domain from step "
-               f"{since} to the end (all excess clipped to 0), so online DoReMi's weights "
-               f"stopped moving there: the reference (the proxy's size) is weaker than the "
-               f"main model.")
-  elif online.get("steps_with_all_excess_zero"):
-    out.append(f"Every domain's excess was clipped to 0 on "
-               f"{online['steps_with_all_excess_zero']} of {online['steps']} steps.")
+    out.append(f"The main model's mean loss was below the reference's on every domain from "
+               f"step {since} to the end, so from there online DoReMi's clipped excess measured "
+               f"only per-token noise, not a lag behind the reference (a reference weaker than "
+               f"the main model).")
+  elif online.get("steps_with_reference_beaten"):
+    out.append(f"The main model's mean loss was below the reference's on every domain of the "
+               f"batch on {online['steps_with_reference_beaten']} of {online['steps']} steps.")
   return out
 
 
-def section_md(summary: Mapping, plot: Optional[str], table: Callable, verdict_text: Callable,
-               cost: Optional[str] = None) -> Optional[str]:
+def section_md(summary: Mapping, plot: Optional[str], table: Callable,
+               verdict_text: Callable) -> Optional[str]:
   """'## Other mixture methods' of report.md; None when the study has none."""
   methods = summary.get("methods") or {}
   if not methods:
@@ -79,11 +82,10 @@ def section_md(summary: Mapping, plot: Optional[str], table: Callable, verdict_t
   lines = [
       "## Other mixture methods", "",
       "Each method's main run has the same model, steps, batch and seed as the others (equal "
-      "compute) and is compared like DoReMi's: difference = method - baseline, with "
+      "training tokens; online DoReMi adds a reference forward each step, its cost below) "
+      "and is compared like DoReMi's: difference = method - baseline, with "
       f"`{OFFLINE}` (offline DoReMi's main run) as one more baseline. One seed: provisional.", ""
   ]
-  if cost:
-    lines += [cost, ""]
   for name, m in methods.items():
     rows = [[
         f"`{b}`",
@@ -104,7 +106,8 @@ def section_md(summary: Mapping, plot: Optional[str], table: Callable, verdict_t
           ""
       ]
   if plot:
-    lines.append(f"Sampling weights in force at each step of each method's main run:\n\n"
+    lines.append(f"Weights in force at each step of each method's main run (sampling weights; "
+                 f"loss weights for the reweighting method):\n\n"
                  f"![weights in force]({plot})")
   return "\n".join(lines)
 

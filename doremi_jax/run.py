@@ -146,6 +146,9 @@ def _validate_mixing(cfg: RunConfig) -> None:
   """DoReMi, online and schedule settings that cannot work together or alone."""
   if cfg.doremi is not None:
     cfg.doremi.validate()
+    if isinstance(cfg.sampling, schedule_lib.MixtureSchedule):
+      raise ValueError("train.sampling=@MixtureSchedule() with train.doremi: a DoReMi proxy "
+                       "samples by DoReMiConfig.sampling; schedules are for main runs.")
   if cfg.online is None:
     return
   if cfg.doremi is not None:
@@ -153,6 +156,10 @@ def _validate_mixing(cfg: RunConfig) -> None:
                      "reweights its loss from uniform batches, an online run resamples its "
                      "own batches; choose one.")
   cfg.online.validate()
+  if not cfg.online.needs_reference and cfg.reference_dir:
+    raise ValueError(f"train.reference_dir={cfg.reference_dir!r} with OnlineMixing.method="
+                     f"{cfg.online.method!r}: this method uses no reference; unset "
+                     f"REFERENCE_DIR (or use method='doremi').")
   if isinstance(cfg.sampling, schedule_lib.MixtureSchedule) or cfg.sampling == "stratified":
     raise ValueError(f"train.sampling={cfg.sampling!r} with train.online: an online run draws "
                      f"iid rows from the weights it learns; start it from 'mixture', "
@@ -231,6 +238,11 @@ def _check_eval_batch(cfg: RunConfig, mesh, num_processes: int) -> None:
 def _check_packing(cfg: RunConfig) -> None:
   if not cfg.pack_across_domains:
     return
+  if cfg.online is not None or isinstance(cfg.sampling, schedule_lib.MixtureSchedule):
+    raise ValueError("train.pack_across_domains=True packs domains together, so batches "
+                     "follow natural proportions: weights that change during a run (a "
+                     "schedule, train.online) need sequences packed within a domain; set "
+                     "train.pack_across_domains=False.")
   from data_pipelines import core  # pylint: disable=g-import-not-at-top
   natural = f"{core.get_domain_set(cfg.mixture_or_task_name).name}_natural"
   if cfg.doremi is not None or cfg.mixture_or_task_name != natural:

@@ -84,7 +84,3 @@ class Resolved:
     f = (step - a) / (b - a)
     p = (1.0 - f) * self.weights[i] + f * self.weights[i + 1]
     return p / p.sum()
-
-  def changes(self) -> list[int]:
-    """Steps at which the weights change (every step of an interpolated stretch)."""
-    return [int(s) for s in self.starts[1:]]

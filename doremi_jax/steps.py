@@ -82,7 +82,7 @@ def _main_grads(state: TrainState, batch, *, model, cfg: StepConfig, extra=None)
 
   With accumulation the gradient is the sum of microbatch gradients of the summed loss,
   divided by the global token count: exactly the full-batch gradient. extra(mb, ce, mask)
-  adds more per-domain sums (a [K] array, summed over microbatches).
+  adds more per-domain sums (a [2, K] array, summed over microbatches).
   """
   num_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
   k = cfg.num_domains
@@ -92,13 +92,14 @@ def _main_grads(state: TrainState, batch, *, model, cfg: StepConfig, extra=None)
     def loss_fn(params):
       ce, loss, mask = _forward(model, params, mb, cfg.z_loss)
       dom_sums, dom_counts = doremi.per_domain_sums(ce, mb["domain_ids"], mask, k)
-      more = jnp.zeros(k) if extra is None else extra(mb, jax.lax.stop_gradient(ce), mask)
+      more = jnp.zeros((2, k)) if extra is None else extra(mb, jax.lax.stop_gradient(ce), mask)
       return jnp.sum(loss) / num_tokens, (jnp.sum(ce), dom_sums, dom_counts, more)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     return grads, loss, aux
 
-  init = (_zeros_like_params(state.params), 0.0, (0.0, jnp.zeros(k), jnp.zeros(k), jnp.zeros(k)))
+  init = (_zeros_like_params(state.params), 0.0, (0.0, jnp.zeros(k), jnp.zeros(k), jnp.zeros(
+      (2, k))))
   grads, loss, aux = _accumulate(micro, batch, cfg.accum_steps, init)
   return grads, loss, num_tokens, aux
 
@@ -126,7 +127,8 @@ def online_step(state: TrainState, ref_params, batch, *, model, ref_model, tx, c
 
   The parameters take exactly train_step's update (the batch, drawn from the weights in
   force, is the objective: resampling). Online DoReMi adds a reference forward for the
-  per-domain clipped excess; ODM needs none (ref_params is None).
+  per-domain clipped excess (and the reference's loss, to tell when the main model is below
+  it on every domain); ODM needs none (ref_params is None).
   """
   k, online = cfg.num_domains, cfg.online
   extra = None
@@ -134,11 +136,13 @@ def online_step(state: TrainState, ref_params, batch, *, model, ref_model, tx, c
 
     def extra(mb, ce, mask):
       ref_ce, _, _ = _forward(ref_model, ref_params, mb, 0.0)
-      excess = doremi.clipped_excess(ce, jax.lax.stop_gradient(ref_ce), mask)
-      return doremi.per_domain_sums(excess, mb["domain_ids"], mask, k)[0]
+      ref_ce = jax.lax.stop_gradient(ref_ce)
+      excess = doremi.clipped_excess(ce, ref_ce, mask)
+      return jnp.stack(
+          [doremi.per_domain_sums(x, mb["domain_ids"], mask, k)[0] for x in (excess, ref_ce)])
 
   grads, loss, num_tokens, aux = _main_grads(state, batch, model=model, cfg=cfg, extra=extra)
-  _, dom_sums, dom_counts, excess_sums = aux
+  _, dom_sums, dom_counts, (excess_sums, ref_sums) = aux
   new_mixing = mixing.step(state.mixing, online, loss_sums_K=dom_sums, counts_K=dom_counts,
                            rows_K=mixing.rows_per_domain(batch["domain_ids"],
                                                          k), excess_sums_K=excess_sums)
@@ -146,8 +150,9 @@ def online_step(state: TrainState, ref_params, batch, *, model, ref_model, tx, c
   metrics.update(sampling_weights=state.mixing.pending_K, next_sampling_weights=new_mixing.next_K)
   if online.needs_reference:
     present = dom_counts > 0
-    metrics.update(domain_excess=new_mixing.method.lambda_K,
-                   excess_all_zero=jnp.all(jnp.where(present, excess_sums == 0, True)))
+    metrics.update(domain_excess=new_mixing.method.lambda_K, domain_ref_loss_sums=ref_sums,
+                   excess_all_zero=jnp.all(jnp.where(present, excess_sums == 0, True)),
+                   reference_beaten=jnp.all(jnp.where(present, dom_sums < ref_sums, True)))
   return _apply_update(state, grads, tx, mixing=new_mixing), metrics
 
 

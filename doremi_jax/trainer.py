@@ -140,14 +140,14 @@ def build_trainer(*, model_cfg: TransformerConfig, mesh: Mesh, global_batch_size
                   opt_cfg: optim.OptimizerConfig = optim.OptimizerConfig(),
                   rules=sharding_lib.DEFAULT_RULES,
                   ref_model_cfg: Optional[TransformerConfig] = None, initial_alpha_K=None,
-                  num_processes: int = 1, initial_sampling_K=None) -> Trainer:
+                  num_processes: int = 1) -> Trainer:
   """Model, optimizer, abstract state, shardings and jitted steps for one run.
 
   A reference model config makes this a DoReMi (proxy) run: the state carries the domain
   weights, and step_fn is proxy_step(state, ref_params, batch) with step_cfg.doremi's
   settings (the paper's defaults when None). step_cfg.online makes it an online-mixing main
-  run: the state carries the sampling weights (starting from initial_sampling_K, default
-  uniform), and step_fn is online_step (with the reference for online DoReMi).
+  run: the state carries the sampling weights (uniform at init; train._start sets the
+  input's initial weights), and step_fn is online_step (with the reference for online DoReMi).
   """
   validate_shapes(model_cfg=model_cfg, mesh=mesh, global_batch_size=global_batch_size,
                   seq_len=seq_len, accum_steps=step_cfg.accum_steps, total_steps=total_steps,
@@ -160,15 +160,17 @@ def build_trainer(*, model_cfg: TransformerConfig, mesh: Mesh, global_batch_size
   num_domains = step_cfg.num_domains
   online = step_cfg.online
   is_doremi = ref_model_cfg is not None and online is None
-  if online is not None and initial_sampling_K is None:
-    initial_sampling_K = np.full(num_domains, 1.0 / num_domains)
 
   def init(rng):
     params = nn.meta.unbox(model.init(rng, dummy, dummy, dummy))["params"]
     initial_lambda = (step_cfg.doremi or doremi.DoReMiConfig()).initial_lambda
     dstate = (
         doremi.init_state(num_domains, initial_lambda, initial_alpha_K) if is_doremi else None)
-    mstate = mixing.init_state(online, initial_sampling_K) if online is not None else None
+    # Uniform here (the state's shape for abstract init and restore); a fresh run replaces
+    # it with the input's initial weights (train._start).
+    mstate = (
+        mixing.init_state(online, jnp.full(num_domains, 1.0 /
+                                           num_domains)) if online is not None else None)
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), doremi=dstate,
         mixing=mstate)

@@ -288,8 +288,8 @@ def test_online_doremi_reference_with_other_domains(trained, tmp_path, no_compil
 
 
 @pytest.mark.parametrize("binding,match", [
-    ("OnlineMixing.exploration=0.5", "exploration=0.5: the floor must be in (0, 1/K] = (0, "
-     "0.1429]"),
+    ("OnlineMixing.exploration=0.5", "exploration=0.5: the floor must be in (0, 1/K) = (0, "
+     "0.1429)"),
     ("OnlineMixing.exploration=0.0", "exploration=0.0"),
     ("OnlineMixing.learning_rate=-1.0", "learning_rate=-1.0"),
     ("OnlineMixing.reward_smoothing=1.5", "reward_smoothing=1.5"),

@@ -4,7 +4,10 @@ Hand-computed cases for ODM's policy and reward update and for online DoReMi's w
 two-stage schedule's per-step composition, no repeats within a pass across a change, host
 slices and resume across a change, and the bad-input errors.
 """
+import json
+import logging
 import math
+import types
 
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +18,7 @@ from data_pipelines import sources
 from doremi_jax import data
 from doremi_jax import doremi
 from doremi_jax import mixing
+from doremi_jax import mixing_log
 from doremi_jax import schedule
 
 L = 64
@@ -111,7 +115,7 @@ def test_rows_per_domain():
     ({
         "method": "odm",
         "exploration": 0.5
-    }, r"exploration=0.5: the floor must be in \(0, 1/K\]"),
+    }, r"exploration=0.5: the floor must be in \(0, 1/K\)"),
     ({
         "method": "doremi",
         "eta": -1.0
@@ -263,3 +267,41 @@ def test_online_weights_feed(packed):
   strat = data.BatchIterator(packed, global_batch_size=8, seed=1, sampling="stratified")
   with pytest.raises(ValueError, match="cannot follow online weights"):
     strat.follow(feed)
+
+
+def test_mixing_log_feeds_the_sampler_and_flags_a_beaten_reference(packed, tmp_path, caplog):
+  """The host side: each step's next weights reach the input; the weights logged are those
+  drawn with; 12 trailing steps below the reference on every domain give the flag."""
+  cfg = mixing.OnlineConfig(method="doremi")
+  state = types.SimpleNamespace(mixing=mixing.init_state(cfg, [0.2, 0.3, 0.5]))
+  it = data.BatchIterator(packed, global_batch_size=8, seed=1, sampling="uniform")
+  it.follow(data.OnlineWeights(3))
+  log = mixing_log.MixingLog(str(tmp_path), packed.names, it, online=cfg, start=0, state=state)
+  steps = 20
+  with caplog.at_level(logging.WARNING):
+    for s in range(steps):
+      next(it)  # batch s, drawn with the weights set so far
+      w = np.eye(3)[s % 3] * 0.85 + 0.05  # sums to 1
+      log.record(s + 1, {
+          "next_sampling_weights": w,
+          "excess_all_zero": False,
+          "reference_beaten": s >= 8
+      })
+  log.finish(steps, state)
+  rows = mixing_log.read(str(tmp_path))
+  assert [r["step"] for r in rows] == list(range(1, steps + 1))
+  np.testing.assert_allclose(list(rows[0]["weights"].values()), [0.2, 0.3, 0.5], rtol=1e-6)
+  np.testing.assert_allclose(list(rows[1]["weights"].values()), [0.2, 0.3, 0.5], rtol=1e-6)
+  # Step 3 (index 2) was drawn with what step 1 (index 0) produced.
+  np.testing.assert_allclose(list(rows[2]["weights"].values()), np.eye(3)[0] * 0.85 + 0.05)
+  online = json.load(open(tmp_path / "online.json"))
+  assert online["reference_beaten_from_step"] == 9 and online["steps_with_reference_beaten"] == 12
+  assert "below the reference's on every domain since step 9" in caplog.text
+  # A streak cut short before the end: no flag, only the count.
+  assert mixing_log.beaten_since([{
+      "step": 1,
+      "reference_beaten": True
+  }] * 12 + [{
+      "step": 13,
+      "reference_beaten": False
+  }], min_steps=10) is None

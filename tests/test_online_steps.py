@@ -87,6 +87,10 @@ def test_online_doremi_excess_is_the_proxys_and_weights_arrive_two_steps_later()
   np.testing.assert_array_equal(online[2]["sampling_weights"], online[0]["next_sampling_weights"])
   np.testing.assert_array_equal(state.mixing.pending_K, online[1]["next_sampling_weights"])
   np.testing.assert_array_equal(state.mixing.next_K, online[2]["next_sampling_weights"])
+  for m in online:  # the flag is the per-domain comparison of the two mean losses
+    present = m["domain_token_counts"] > 0
+    want = bool(np.all((m["domain_loss_sums"] < m["domain_ref_loss_sums"])[present]))
+    assert bool(m["reference_beaten"]) == want
   w = online[0]["next_sampling_weights"]
   assert abs(w.sum() - 1) < 1e-6 and w.min() >= 1e-3 / K - 1e-7
 

@@ -134,12 +134,13 @@ def test_pipeline_with_changing_mixtures_writes_one_report(tmp_path):
   """Offline DoReMi, online DoReMi, ODM and a schedule, each one main run at equal compute,
   judged in one report against the baseline and offline DoReMi."""
   out = str(tmp_path / "study")
-  _run_pipeline(out, "--gin.pipeline.baselines=['uniform']",
-                "--gin.pipeline.methods=['doremi', 'online_doremi', 'odm', 'schedule']",
-                "--gin.main/train.downstream=None")
+  _run_pipeline(
+      out, "--gin.pipeline.baselines=['uniform']",
+      "--gin.pipeline.methods=['doremi', 'online_doremi', 'online_doremi_reweight', 'odm', "
+      "'schedule']", "--gin.main/train.downstream=None")
   study = json.load(open(os.path.join(out, "study.json")))
   assert set(study["mains"]) == {"doremi", "uniform"}
-  assert set(study["methods"]) == {"online_doremi", "odm", "schedule"}
+  assert set(study["methods"]) == {"online_doremi", "online_doremi_reweight", "odm", "schedule"}
   for name, run in study["methods"].items():
     assert [e["step"] for e in run["evals"]] == [2, 4], name
     assert [r["step"] for r in run["trajectory"]] == [1, 2, 3, 4], name
@@ -149,11 +150,18 @@ def test_pipeline_with_changing_mixtures_writes_one_report(tmp_path):
   for d in doremi_w:
     assert abs(sched[2]["weights"][d] - doremi_w[d] / sum(doremi_w.values())) < 1e-9
   assert sched[0]["weights"] != sched[2]["weights"]
+  assert sched[1]["weights"] == sched[0]["weights"]  # steps 1-2 natural, DoReMi's from 3
+  assert study["methods"]["schedule"]["setting"] == ("natural for steps 1-2, DoReMi's weights "
+                                                     "from step 3 of 4")
+  # Reweighting: stratified batches, the loss weights move from uniform each step.
+  reweight = study["methods"]["online_doremi_reweight"]["trajectory"]
+  assert [r["step"] for r in reweight] == [1, 2, 3, 4]
+  assert study["methods"]["online_doremi_reweight"]["cost"]["reference_forward_fraction"] > 0
   assert study["methods"]["odm"]["online"]["method"] == "odm"
   cost = study["methods"]["online_doremi"]["cost"]["reference_forward_fraction"]
   assert 0 < cost < 1 / 3  # the reference is smaller than the main model
   summary = json.load(open(os.path.join(out, "summary.json")))
-  for name in ("online_doremi", "odm", "schedule"):
+  for name in ("online_doremi", "online_doremi_reweight", "odm", "schedule"):
     assert set(summary["methods"][name]["baselines"]) == {"uniform", "doremi (offline)"}
   report = open(os.path.join(out, "report.md")).read()
   assert "## Other mixture methods" in report and "### `odm`" in report
