@@ -265,7 +265,7 @@ def check_trainer(trainer, *, topology: str, family: str, which: str = "train",
   else:
     from doremi_jax import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
     fn, args = trainer.step_fn, trainer_lib.abstract_step_args(trainer)
-    step = "proxy step (DoReMi, with reference)" if trainer.is_doremi else "train step"
+    step = _step_name(trainer)
   where = dict(topology=topology, family=family, num_devices=trainer.mesh.devices.size,
                mesh_shape=dict(trainer.mesh.shape), step=step, description=description)
   lowered = lowered or fn.lower(*args)
@@ -277,6 +277,13 @@ def check_trainer(trainer, *, topology: str, family: str, which: str = "train",
     donated = args[0] if which == "train" else ()
     return oom_report(str(e), args, donated, **where)
   return analyze(compiled, **where)
+
+
+def _step_name(trainer) -> str:
+  online = trainer.step_cfg.online
+  if online is not None:
+    return f"online step ({online.method}" + (", with reference)" if trainer.is_doremi else ")")
+  return "proxy step (DoReMi, with reference)" if trainer.is_doremi else "train step"
 
 
 def _describe(trainer, batch: int, seq_len: int) -> str:

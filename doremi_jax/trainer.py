@@ -85,6 +85,7 @@ class Trainer:
 
   @property
   def is_doremi(self) -> bool:
+    """The step takes the frozen reference (a DoReMi proxy step, or online DoReMi)."""
     return self.ref_model_cfg is not None
 
   def make_batch(self, host_batch: dict) -> dict:
