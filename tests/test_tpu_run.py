@@ -586,6 +586,10 @@ WAIT_FOR_TERM = ('trap \'echo "worker $W: SIGTERM" > "$FAKE_DIR/term_w$W"; exit 
                  'for i in $(seq 300); do sleep 0.1; done\n')
 
 
+def _default_sigint():
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Fake:
   """The fake gcloud's directory: its state, its calls, its workers."""
 
@@ -646,9 +650,13 @@ class Fake:
                 env=self.env, check=check, timeout=timeout)
 
   def start(self, *args, log):
+    # The launcher gets SIGINT's default disposition: one ignored in this test process (as
+    # something earlier in a full run leaves it) would be inherited through exec, and bash
+    # cannot trap a signal ignored at its start, so Ctrl-C tests would see exit 0, not 130.
     return subprocess.Popen(
         ["bash", SCRIPT, *args, "--poll-interval", "0.2", "--kill-grace", "3", "--log-dir",
-         str(self.logs)], cwd=helpers.ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+         str(self.logs)], cwd=helpers.ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        preexec_fn=_default_sigint)
 
   def wait_for(self, predicate, what, timeout=WAIT):
     deadline = time.time() + timeout
