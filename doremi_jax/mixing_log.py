@@ -76,28 +76,18 @@ class MixingLog:
     if self.online is None:
       return None
     rows = outputs.read_jsonl(self.path)
-    w = np.array([[r["weights"][d] for d in self.domains] for r in rows]) if rows else None
     since = beaten_since(rows, min_steps=max(BEATEN_MIN_STEPS, int(BEATEN_MIN_FRACTION * steps)))
     final = jax.device_get(state.mixing.next_K)
     out = {
-        "method":
-            self.online.method,
-        "config":
-            dict(vars(self.online)),
-        "steps":
-            steps,
-        "final_weights":
-            dict(zip(self.domains, map(float, final))),
-        "average_weights":
-            dict(zip(self.domains, map(float, w.mean(0)))) if w is not None else None,
-        "reference_beaten_from_step":
-            since,
-        "steps_with_reference_beaten":
-            sum(1 for r in rows if r.get("reference_beaten")),
-        "steps_with_all_excess_zero":
-            sum(1 for r in rows if r.get("excess_all_zero")),
-        "lag_steps":
-            1,
+        "method": self.online.method,
+        "config": dict(vars(self.online)),
+        "steps": steps,
+        "final_weights": dict(zip(self.domains, map(float, final))),
+        "average_weights": mean_weights(rows),
+        "reference_beaten_from_step": since,
+        "steps_with_reference_beaten": sum(1 for r in rows if r.get("reference_beaten")),
+        "steps_with_all_excess_zero": sum(1 for r in rows if r.get("excess_all_zero")),
+        "lag_steps": 1,
     }
     outputs.write_json(os.path.join(self.model_dir, outputs.ONLINE), out)
     return out
@@ -112,6 +102,13 @@ def beaten_since(rows, *, min_steps: int) -> Optional[int]:
       break
     n += 1
   return int(rows[-n]["step"]) if n >= min_steps and n > 0 else None
+
+
+def mean_weights(rows) -> Optional[dict]:
+  if not rows:
+    return None
+  domains = list(rows[0]["weights"])
+  return {d: float(np.mean([r["weights"][d] for r in rows])) for d in domains}
 
 
 def read(model_dir: str) -> list[dict]:

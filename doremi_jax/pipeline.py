@@ -44,7 +44,6 @@ from doremi_jax import outputs
 from doremi_jax import evaluation
 from doremi_jax import mixing_log
 from doremi_jax import report as report_lib
-from doremi_jax import report_methods
 from doremi_jax import schedule as schedule_lib
 from doremi_jax import train as train_lib
 from doremi_jax.model import config_from_info
@@ -438,7 +437,7 @@ def _changing_weights(main_dir: str) -> dict:
         "step": r["step"],
         "weights": dict(zip(domains, r["domain_weights"]))
     } for r in metrics_lib.read_trajectory(main_dir)]
-  out = {"trajectory": rows, "weights": report_methods.mean_weights(rows)}
+  out = {"trajectory": rows, "weights": mixing_log.mean_weights(rows)}
   online = os.path.join(main_dir, outputs.ONLINE)
   if outputs.exists(online):
     out["online"] = outputs.read_json(online)

@@ -7,8 +7,6 @@ Here: the markdown section and the weights-in-force plot (aggregate.py: over see
 """
 from typing import Callable, Mapping, Optional
 
-import numpy as np
-
 OFFLINE = "doremi (offline)"  # offline DoReMi's main run, as a baseline of the other methods
 DESCRIPTIONS = {
     "online_doremi": ("online DoReMi: the main model's own clipped excess over the round-1 "
@@ -135,10 +133,3 @@ def plot_weights_in_force(study: dict, path: str, figure_cls, colors) -> Optiona
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   return path
-
-
-def mean_weights(rows) -> Optional[dict]:
-  if not rows:
-    return None
-  domains = list(rows[0]["weights"])
-  return {d: float(np.mean([r["weights"][d] for r in rows])) for d in domains}
